@@ -1,0 +1,231 @@
+"""One way in for every released Z-Image file: read headers -> detect layout -> map keys -> build on meta
+-> strict check -> read tensors one at a time, cast to the target dtype, assign.
+
+Accepted: ComfyUI split files (DiT bf16 / fp8 e4m3fn with or without scales, qwen_3_4b, ae), an all-in-one
+checkpoint, a diffusers folder (or its transformer/, text_encoder/, vae/ subfolders).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from . import keys as K
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import DiTConfig
+from .dit import ZImageDiT
+from .errors import CheckpointMismatch, UnknownCheckpoint, first
+from .text_encoder import Qwen3Config, Qwen3Encoder
+from .vae import AutoEncoder, VAEConfig, diffusers_to_ldm, is_diffusers_layout
+
+Source = str | Path | Checkpoint
+DIFFUSERS_SUBFOLDER = {"dit": "transformer", "text": "text_encoder", "vae": "vae"}
+AIO_PREFIX = {"dit": K.AIO_DIT, "text": K.AIO_TEXT, "vae": K.AIO_VAE}
+PART_NAME = {"dit": "diffusion model", "text": "text encoder (Qwen3)", "vae": "VAE (Flux AE)"}
+EXPECTED_FILE = {"dit": "z_image_turbo_bf16.safetensors in models/diffusion_models",
+                 "text": "qwen_3_4b.safetensors in models/text_encoders",
+                 "vae": "ae.safetensors in models/vae"}
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
+
+
+@dataclass
+class LoadReport:
+    file: str
+    part: str
+    layout: str
+    config: object
+    dtype: torch.dtype
+    source_dtypes: Counter = field(default_factory=Counter)
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        src = ", ".join(f"{n} {d}" for d, n in self.source_dtypes.most_common())
+        return f"{self.file}: {PART_NAME[self.part]}, {self.layout} layout, {src} -> {self.dtype}"
+
+
+def open_part(source: Source, part: str) -> tuple[Checkpoint, str]:
+    """The tensors of one part, and how they were found ('file', 'all-in-one', 'diffusers folder')."""
+    if isinstance(source, Checkpoint):
+        ckpt, how = source, "file"
+    else:
+        path = Path(source)
+        sub = path / DIFFUSERS_SUBFOLDER[part]
+        if path.is_dir() and sub.is_dir():
+            path = sub
+        ckpt, how = open_checkpoint(path), ("diffusers folder" if path.is_dir() else "file")
+    prefix = AIO_PREFIX[part]
+    if any(k.startswith(prefix) for k in ckpt.shapes):
+        return ckpt.view(prefix), "all-in-one"
+    return ckpt, how
+
+
+def describe(keys: list[str]) -> str:
+    """A guess at what a state dict is, for error messages."""
+    ks = set(keys)
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in ks)
+    if has("input_blocks.") and has("conditioner.embedders"):
+        return "looks like an SDXL checkpoint"
+    if has("input_blocks.") or has("cond_stage_model."):
+        return "looks like a Stable Diffusion 1.x/2.x checkpoint"
+    if has("double_blocks.") or has("single_blocks."):
+        return "looks like a Flux diffusion model"
+    if has("self_attn.q_norm"):
+        return "looks like a Qwen3 text encoder"
+    if has("decoder.conv_in") or has("decoder.up_blocks"):
+        return "looks like a VAE"
+    if has("attention.qkv") or has("attention.to_q") or has("all_x_embedder"):
+        return "looks like a Z-Image diffusion model"
+    return "is not a model this pack knows"
+
+
+def _unknown(ckpt: Checkpoint, part: str) -> UnknownCheckpoint:
+    return UnknownCheckpoint(f"{ckpt.name} is not a Z-Image {PART_NAME[part]}: it {describe(ckpt.keys())} "
+                             f"(first keys: {first(ckpt.keys(), 3)}). Expected {EXPECTED_FILE[part]}.")
+
+
+def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], ckpt: Checkpoint, part: str,
+               layout: str) -> None:
+    """Strict: every key present, nothing extra, every shape equal. Names the file, layout and first keys."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    wrong = [f"{k} {list(found[k])} (expected {list(expected[k])})"
+             for k in sorted(set(expected) & set(found)) if tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {first(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes: {', '.join(wrong[:3])}")
+    raise CheckpointMismatch(f"{ckpt.name} looked like a Z-Image {PART_NAME[part]} ({layout} layout) but does "
+                             f"not fit one: {'; '.join(problems)}. The file is damaged or another variant: "
+                             f"use {EXPECTED_FILE[part]}.")
+
+
+def _build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return factory()
+
+
+def _materialise(model: nn.Module, read: Callable[[str], Tensor], dtype: torch.dtype, device) -> None:
+    """Read each tensor once, cast, move, and assign it in place of the meta parameter (no second copy)."""
+    sd = {}
+    for key in model.state_dict():
+        sd[key] = read(key).to(device=device, dtype=dtype)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+
+
+def _config_from(factory: Callable, shapes: Mapping[str, tuple], ckpt: Checkpoint, part: str, layout: str):
+    try:
+        return factory(shapes)
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise CheckpointMismatch(f"{ckpt.name} looked like a Z-Image {PART_NAME[part]} ({layout} layout) but its "
+                                 f"shapes describe no valid model ({type(e).__name__}: {e}). Use "
+                                 f"{EXPECTED_FILE[part]}.") from e
+
+
+# ---- DiT -------------------------------------------------------------------------------------------------
+
+def dit_plan(ckpt: Checkpoint) -> tuple[str, dict[str, str | tuple[str, ...]], list[str]]:
+    """(layout, our key -> source key(s), ignored keys). Several source keys are fused along rows."""
+    layout = K.detect_dit_layout(ckpt.keys())
+    if layout == "unknown":
+        raise _unknown(ckpt, "dit")
+    names = {k: k for k in ckpt.keys() if k not in K.DIT_IGNORED and not K.is_quant_extra(k)}
+    ignored = sorted(set(ckpt.keys()) - set(names))
+    if layout == "diffusers":
+        names = K.dit_from_diffusers(names, fuse=tuple)
+    return layout, names, ignored
+
+
+def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]]) -> Callable[[str], Tensor]:
+    def read(key: str) -> Tensor:
+        src = plan[key]
+        if isinstance(src, tuple):
+            return torch.cat([_dequantized(ckpt, s) for s in src])
+        return _dequantized(ckpt, src)
+    return read
+
+
+def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
+    """fp8 weights times their scale (ComfyUI's scale_weight / weight_scale), in fp32; others as stored."""
+    t = ckpt.read(key)
+    if ckpt.dtypes[key] not in FP8_DTYPES:
+        return t
+    layer = key.rsplit(".", 1)[0]
+    for scale_key in (f"{layer}.scale_weight", f"{layer}.weight_scale"):
+        if scale_key in ckpt.shapes:
+            scale = ckpt.read(scale_key).float()
+            return t.float() * (scale if scale.ndim == 0 else scale.reshape(-1, *[1] * (t.ndim - 1)))
+    return t.float()
+
+
+def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[ZImageDiT, LoadReport]:
+    ckpt, how = open_part(source, "dit")
+    layout, plan, ignored = dit_plan(ckpt)
+    shapes = {k: _plan_shape(ckpt, v) for k, v in plan.items()}
+    cfg = _config_from(DiTConfig.from_shapes, shapes, ckpt, "dit", layout)
+    model = _build_on_meta(lambda: ZImageDiT(cfg))
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "dit", layout)
+    _materialise(model, _dit_reader(ckpt, plan), dtype, device)
+    return model, _report(ckpt, "dit", f"{layout} ({how})", cfg, dtype, ignored)
+
+
+def _plan_shape(ckpt: Checkpoint, src: str | tuple[str, ...]) -> tuple[int, ...]:
+    if isinstance(src, str):
+        return ckpt.shapes[src]
+    shapes = [ckpt.shapes[s] for s in src]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def _report(ckpt: Checkpoint, part: str, layout: str, cfg, dtype, ignored=()) -> LoadReport:
+    return LoadReport(ckpt.name, part, layout, cfg, dtype, Counter(ckpt.dtypes.values()), list(ignored))
+
+
+# ---- text encoder ------------------------------------------------------------------------------------------
+
+def load_text_encoder(source: Source, dtype: torch.dtype = torch.float32,
+                      device="cpu") -> tuple[Qwen3Encoder, LoadReport]:
+    ckpt, how = open_part(source, "text")
+    keys = ckpt.keys()
+    if "lm_head.weight" in ckpt.shapes:                      # a causal-LM export: the head is unused here
+        keys = [k for k in keys if k != "lm_head.weight"]
+    if "model.layers.0.self_attn.q_norm.weight" not in keys or "model.embed_tokens.weight" not in keys:
+        raise _unknown(ckpt, "text")
+    shapes = {k: ckpt.shapes[k] for k in keys}
+    cfg = _config_from(Qwen3Config.from_shapes, shapes, ckpt, "text", how)
+    model = _build_on_meta(lambda: Qwen3Encoder(cfg))
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "text", how)
+    _materialise(model, ckpt.read, dtype, device)
+    return model, _report(ckpt, "text", how, cfg, dtype, set(ckpt.keys()) - set(keys))
+
+
+# ---- VAE -----------------------------------------------------------------------------------------------------
+
+def load_vae(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[AutoEncoder, LoadReport]:
+    ckpt, how = open_part(source, "vae")
+    keys = ckpt.keys()
+    if is_diffusers_layout(keys):
+        layout = "diffusers"
+        try:
+            sd = diffusers_to_ldm({k: ckpt.read(k) for k in keys})     # 0.3 GB at most: read whole
+        except (KeyError, ValueError) as e:
+            raise CheckpointMismatch(f"{ckpt.name} (diffusers VAE layout): {e}") from e
+        read, shapes = sd.__getitem__, {k: tuple(v.shape) for k, v in sd.items()}
+    elif "decoder.conv_in.weight" in ckpt.shapes:
+        layout, read, shapes = "comfyui/bfl", ckpt.read, dict(ckpt.shapes)
+    else:
+        raise _unknown(ckpt, "vae")
+    cfg = _config_from(VAEConfig.from_shapes, shapes, ckpt, "vae", layout)
+    model = _build_on_meta(lambda: AutoEncoder(cfg))
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "vae", layout)
+    _materialise(model, read, dtype, device)
+    return model, _report(ckpt, "vae", f"{layout} ({how})", cfg, dtype)

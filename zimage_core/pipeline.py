@@ -1,0 +1,103 @@
+"""A plain Python Z-Image-Turbo pipeline over the core: prompt(s) -> images. No ComfyUI needed.
+
+Used by the tests, the benchmarks and the demo; the ComfyUI nodes call the same pieces one by one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import FLUX_LATENT, SAMPLING
+from .dit import ZImageDiT
+from .loading import LoadReport, Source, load_dit, load_text_encoder, load_vae
+from .sampling import StepCallback, initial_noise, sample, sigma_schedule
+from .text_encoder import Qwen3Encoder, encode_prompts
+from .tokenizer import PromptTokenizer
+from .vae import AutoEncoder, from_model_space, to_model_space
+
+PIXELS_PER_TOKEN = FLUX_LATENT.downscale * 2          # VAE /8, then 2x2 patches
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % PIXELS_PER_TOKEN:
+            raise ValueError(f"{name} must be a positive multiple of {PIXELS_PER_TOKEN} pixels, got {v}; "
+                             f"try {max(PIXELS_PER_TOKEN, round(v / PIXELS_PER_TOKEN) * PIXELS_PER_TOKEN)}")
+
+
+@dataclass
+class ZImageModels:
+    dit: ZImageDiT
+    text_encoder: Qwen3Encoder
+    vae: AutoEncoder
+    tokenizer: PromptTokenizer
+    reports: list[LoadReport] = field(default_factory=list)
+
+
+def load_zimage(dit: Source, text_encoder: Source | None = None, vae: Source | None = None,
+                tokenizer: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> ZImageModels:
+    """Load every part. With only `dit`, it must be an all-in-one file or a diffusers folder holding them all;
+    the tokenizer defaults to a diffusers folder's tokenizer/. The VAE is kept in fp32 unless dtype is bf16
+    (never fp16: the Flux AE overflows it and decodes black)."""
+    te_source = text_encoder if text_encoder is not None else dit
+    vae_source = vae if vae is not None else dit
+    if tokenizer is None:
+        tokenizer = Path(dit) / "tokenizer" if isinstance(dit, (str, Path)) else None
+        if tokenizer is None or not tokenizer.is_dir():
+            raise FileNotFoundError("no tokenizer folder given and none found next to the weights: pass the "
+                                    "folder holding vocab.json and merges.txt (or tokenizer.json)")
+    vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    d, rd = load_dit(dit, dtype, device)
+    te, rt = load_text_encoder(te_source, dtype, device)
+    ae, rv = load_vae(vae_source, vae_dtype, device)
+    return ZImageModels(d, te, ae, PromptTokenizer.from_dir(tokenizer), [rd, rt, rv])
+
+
+class ZImagePipeline:
+    def __init__(self, models: ZImageModels, device: str | torch.device = "cpu"):
+        self.models = models
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> list[Tensor]:
+        return encode_prompts(self.models.text_encoder, self.models.tokenizer, prompts)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative: str | list[str] = "", width: int = 1024,
+                 height: int = 1024, steps: int = SAMPLING.steps, cfg: float = SAMPLING.cfg, seed: int = 0,
+                 batch_size: int = 1, shift: float = SAMPLING.shift, denoise: float = SAMPLING.denoise,
+                 image: Tensor | None = None, noise: Tensor | None = None,
+                 callback: StepCallback | None = None, output: str = "image") -> Tensor:
+        """Images (B, H, W, 3) in [0, 1] (ComfyUI's IMAGE layout), or the final model-space latent when
+        output='latent'. A list of prompts gives one image each; batch_size repeats a single prompt."""
+        check_size(width, height)
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        positive = self.encode(prompts)
+        negative_caps = self.encode(negatives) if cfg != 1.0 else None
+
+        shape = (len(prompts), FLUX_LATENT.channels, height // FLUX_LATENT.downscale, width // FLUX_LATENT.downscale)
+        noise = initial_noise(shape, seed) if noise is None else noise
+        start = None if image is None else self.encode_image(image)
+        sigmas = sigma_schedule(steps, shift, denoise if image is not None else 1.0)
+        latent = sample(self.models.dit, noise.to(self.device), sigmas, positive, negative_caps, cfg,
+                        start, callback)
+        return latent if output == "latent" else self.decode(latent)
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """(B, H, W, 3) in [0, 1] -> model-space latent."""
+        vae = self.models.vae
+        dtype = next(vae.parameters()).dtype
+        pixels = image.movedim(-1, 1).to(self.device, dtype) * 2 - 1
+        return to_model_space(vae.encode(pixels).float())
+
+    def decode(self, latent: Tensor) -> Tensor:
+        """Model-space latent -> (B, H, W, 3) in [0, 1]."""
+        vae = self.models.vae
+        dtype = next(vae.parameters()).dtype
+        pixels = vae.decode(from_model_space(latent).to(dtype)).float()
+        return (pixels / 2 + 0.5).clamp(0, 1).movedim(1, -1)
