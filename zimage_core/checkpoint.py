@@ -26,6 +26,7 @@ class Checkpoint:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)             # safetensors dtype names: BF16, F8_E4M3...
     prefix: str = ""                                                 # names are seen with this prefix removed
+    file_keys: tuple[str, ...] = ()                                  # every name in the file(s), for messages
 
     @property
     def name(self) -> str:
@@ -39,7 +40,10 @@ class Checkpoint:
         n = len(prefix)
         pick = [k for k in self.shapes if k.startswith(prefix)]
         return Checkpoint(self.path, {k[n:]: self.files[k] for k in pick}, {k[n:]: self.shapes[k] for k in pick},
-                          {k[n:]: self.dtypes[k] for k in pick}, self.prefix + prefix)
+                          {k[n:]: self.dtypes[k] for k in pick}, self.prefix + prefix, self.all_keys())
+
+    def all_keys(self) -> tuple[str, ...]:
+        return self.file_keys or tuple(self.shapes)
 
     def read(self, key: str) -> torch.Tensor:
         path = self.files[key]

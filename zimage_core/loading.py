@@ -84,8 +84,8 @@ def describe(keys: list[str]) -> str:
 
 
 def _unknown(ckpt: Checkpoint, part: str) -> UnknownCheckpoint:
-    return UnknownCheckpoint(f"{ckpt.name} is not a Z-Image {PART_NAME[part]}: it {describe(ckpt.keys())} "
-                             f"(first keys: {first(ckpt.keys(), 3)}). Expected {EXPECTED_FILE[part]}.")
+    return UnknownCheckpoint(f"{ckpt.name} is not a Z-Image {PART_NAME[part]}: it {describe(ckpt.all_keys())} "
+                             f"(first keys: {first(ckpt.all_keys(), 3)}). Expected {EXPECTED_FILE[part]}.")
 
 
 def check_keys(expected: Mapping[str, tuple], found: Mapping[str, tuple], ckpt: Checkpoint, part: str,
@@ -169,14 +169,21 @@ def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
 
 
 def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[ZImageDiT, LoadReport]:
+    model, report, read = prepare_dit(source)
+    _materialise(model, read, dtype, device)
+    report.dtype = dtype
+    return model, report
+
+
+def prepare_dit(source: Source) -> tuple[ZImageDiT, LoadReport, Callable[[str], Tensor]]:
+    """Everything but reading the data: layout, config, a meta model that passed the strict check."""
     ckpt, how = open_part(source, "dit")
     layout, plan, ignored = dit_plan(ckpt)
     shapes = {k: _plan_shape(ckpt, v) for k, v in plan.items()}
     cfg = _config_from(DiTConfig.from_shapes, shapes, ckpt, "dit", layout)
     model = _build_on_meta(lambda: ZImageDiT(cfg))
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "dit", layout)
-    _materialise(model, _dit_reader(ckpt, plan), dtype, device)
-    return model, _report(ckpt, "dit", f"{layout} ({how})", cfg, dtype, ignored)
+    return model, _report(ckpt, "dit", f"{layout} ({how})", cfg, None, ignored), _dit_reader(ckpt, plan)
 
 
 def _plan_shape(ckpt: Checkpoint, src: str | tuple[str, ...]) -> tuple[int, ...]:
@@ -194,6 +201,13 @@ def _report(ckpt: Checkpoint, part: str, layout: str, cfg, dtype, ignored=()) ->
 
 def load_text_encoder(source: Source, dtype: torch.dtype = torch.float32,
                       device="cpu") -> tuple[Qwen3Encoder, LoadReport]:
+    model, report, read = prepare_text_encoder(source)
+    _materialise(model, read, dtype, device)
+    report.dtype = dtype
+    return model, report
+
+
+def prepare_text_encoder(source: Source) -> tuple[Qwen3Encoder, LoadReport, Callable[[str], Tensor]]:
     ckpt, how = open_part(source, "text")
     keys = ckpt.keys()
     if "lm_head.weight" in ckpt.shapes:                      # a causal-LM export: the head is unused here
@@ -204,8 +218,7 @@ def load_text_encoder(source: Source, dtype: torch.dtype = torch.float32,
     cfg = _config_from(Qwen3Config.from_shapes, shapes, ckpt, "text", how)
     model = _build_on_meta(lambda: Qwen3Encoder(cfg))
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "text", how)
-    _materialise(model, ckpt.read, dtype, device)
-    return model, _report(ckpt, "text", how, cfg, dtype, set(ckpt.keys()) - set(keys))
+    return model, _report(ckpt, "text", how, cfg, None, set(ckpt.keys()) - set(keys)), ckpt.read
 
 
 # ---- VAE -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Random Z-Image weights written in the released files' exact key layouts.
+
+Real weights cannot be downloaded everywhere (CI, this project's machines), so tests, the demo and the
+benchmarks write their own: tiny ones for CPU, full-size random bf16 ones for GPU timings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import keys as K
+from .config import TINY, DiTConfig
+from .dit import ZImageDiT
+from .text_encoder import Qwen3Config, Qwen3Encoder
+from .vae import AutoEncoder, VAEConfig
+
+# Tiny parts that fit together: the DiT's caption width is the text encoder's hidden size; the VAE
+# downsamples by 8 like the Flux AE; the vocabulary is Qwen's, so the real tokenizer's ids are valid.
+TINY_TEXT = Qwen3Config(hidden=TINY.cap_feat_dim, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=16,
+                        ffn_hidden=64, vocab_size=151936)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """Where ComfyUI keeps each released file, relative to its models/ folder."""
+    dit: Path
+    text_encoder: Path
+    vae: Path
+
+
+def random_state_dict(module: nn.Module, seed: int, std: float = 0.05,
+                      dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Deterministic random values for every tensor; norm weights around 1 so activations keep their scale."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, t in module.state_dict().items():
+        noise = torch.randn(t.shape, generator=g) * std
+        is_norm = name.endswith("weight") and "norm" in name.rsplit(".", 2)[-2]
+        sd[name] = (1 + noise if is_norm else noise).to(dtype).contiguous()
+    return sd
+
+
+def _on_meta(factory):
+    with torch.device("meta"):
+        return factory()
+
+
+def dit_weights(cfg: DiTConfig = TINY, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+    return random_state_dict(_on_meta(lambda: ZImageDiT(cfg)), seed, dtype=dtype)
+
+
+def text_encoder_weights(cfg: Qwen3Config = TINY_TEXT, seed: int = 1,
+                         dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+    return random_state_dict(_on_meta(lambda: Qwen3Encoder(cfg)), seed, std=0.2, dtype=dtype)
+
+
+def vae_weights(cfg: VAEConfig = TINY_VAE, seed: int = 2, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    return random_state_dict(_on_meta(lambda: AutoEncoder(cfg)), seed, dtype=dtype)
+
+
+def to_fp8(sd: dict[str, Tensor], scaled: bool) -> dict[str, Tensor]:
+    """The block Linear weights in float8_e4m3fn, as ComfyUI's fp8 releases store them; with `scaled`, each
+    with a per-tensor `scale_weight` and the `scaled_fp8` marker (ComfyUI's older scaled-fp8 format)."""
+    out = {}
+    for name, t in sd.items():
+        is_block_linear = t.ndim == 2 and name.split(".")[0] in ("layers", "noise_refiner", "context_refiner")
+        if not is_block_linear:
+            out[name] = t
+            continue
+        scale = t.float().abs().max() / 448.0 if scaled else torch.tensor(1.0)
+        out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
+        if scaled:
+            out[name.rsplit(".", 1)[0] + ".scale_weight"] = scale.reshape(())
+    if scaled:
+        out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def write_split_files(models_dir: str | Path, dit_cfg: DiTConfig = TINY, text_cfg: Qwen3Config = TINY_TEXT,
+                      vae_cfg: VAEConfig = TINY_VAE, seed: int = 0, name: str = "z_image_turbo_tiny",
+                      dtype: torch.dtype = torch.bfloat16) -> SplitFiles:
+    """ComfyUI's split files under models/: diffusion_models/, text_encoders/, vae/."""
+    models = Path(models_dir)
+    files = SplitFiles(models / "diffusion_models" / f"{name}_bf16.safetensors",
+                       models / "text_encoders" / f"{name}_qwen3.safetensors",
+                       models / "vae" / f"{name}_ae.safetensors")
+    for path, sd in ((files.dit, dit_weights(dit_cfg, seed, dtype)),
+                     (files.text_encoder, text_encoder_weights(text_cfg, seed + 1, dtype)),
+                     (files.vae, vae_weights(vae_cfg, seed + 2))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(path))
+    return files
+
+
+def write_all_in_one(path: str | Path, dit: dict[str, Tensor], text_encoder: dict[str, Tensor],
+                     vae: dict[str, Tensor]) -> Path:
+    """One checkpoint with ComfyUI's all-in-one prefixes (what CheckpointLoaderSimple reads)."""
+    sd = {K.AIO_DIT + k: v for k, v in dit.items()}
+    sd.update({K.AIO_TEXT + k: v for k, v in text_encoder.items()})
+    sd.update({K.AIO_VAE + k: v for k, v in vae.items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
