@@ -209,16 +209,22 @@ def load_text_encoder(source: Source, dtype: torch.dtype = torch.float32,
 
 def prepare_text_encoder(source: Source) -> tuple[Qwen3Encoder, LoadReport, Callable[[str], Tensor]]:
     ckpt, how = open_part(source, "text")
-    keys = ckpt.keys()
-    if "lm_head.weight" in ckpt.shapes:                      # a causal-LM export: the head is unused here
-        keys = [k for k in keys if k != "lm_head.weight"]
-    if "model.layers.0.self_attn.q_norm.weight" not in keys or "model.embed_tokens.weight" not in keys:
+    names = text_encoder_names(ckpt.keys())
+    if "model.layers.0.self_attn.q_norm.weight" not in names or "model.embed_tokens.weight" not in names:
         raise _unknown(ckpt, "text")
-    shapes = {k: ckpt.shapes[k] for k in keys}
+    shapes = {ours: ckpt.shapes[src] for ours, src in names.items()}
     cfg = _config_from(Qwen3Config.from_shapes, shapes, ckpt, "text", how)
     model = _build_on_meta(lambda: Qwen3Encoder(cfg))
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "text", how)
-    return model, _report(ckpt, "text", how, cfg, None, set(ckpt.keys()) - set(keys)), ckpt.read
+    ignored = set(ckpt.keys()) - set(names.values())
+    return model, _report(ckpt, "text", how, cfg, None, ignored), lambda key: ckpt.read(names[key])
+
+
+def text_encoder_names(keys: list[str]) -> dict[str, str]:
+    """Our key -> file key. ComfyUI's file and Qwen3ForCausalLM exports name tensors `model.…`; a saved
+    Qwen3Model (what diffusers' text_encoder/ can hold) names them bare. An lm_head is unused here."""
+    bare = "embed_tokens.weight" in keys and "model.embed_tokens.weight" not in keys
+    return {("model." + k if bare else k): k for k in keys if k != "lm_head.weight"}
 
 
 # ---- VAE -----------------------------------------------------------------------------------------------------
