@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command: build the runtime if needed (torch, diffusers, transformers, two ComfyUI trees), run pytest.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bash "$here/scripts/setup_runtime.sh"
+cd "$here"
+exec .runtime/venv/bin/python -m pytest "$@"
