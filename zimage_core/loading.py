@@ -123,6 +123,22 @@ def _materialise(model: nn.Module, read: Callable[[str], Tensor], dtype: torch.d
     model.eval().requires_grad_(False)
 
 
+def _checked_model(model_cls: type, config_cls: type, shapes: Mapping[str, tuple], ckpt: Checkpoint, part: str,
+                   layout: str) -> tuple[nn.Module, object]:
+    """Config from the shapes, the model built on meta, then the strict key/shape check against it."""
+    cfg = _config_from(config_cls.from_shapes, shapes, ckpt, part, layout)
+    model = _build_on_meta(lambda: model_cls(cfg))
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, part, layout)
+    return model, cfg
+
+
+def _load(prepared: tuple[nn.Module, "LoadReport", Callable[[str], Tensor]], dtype: torch.dtype, device):
+    model, report, read = prepared
+    _materialise(model, read, dtype, device)
+    report.dtype = dtype
+    return model, report
+
+
 def _config_from(factory: Callable, shapes: Mapping[str, tuple], ckpt: Checkpoint, part: str, layout: str):
     try:
         return factory(shapes)
@@ -169,10 +185,7 @@ def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
 
 
 def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[ZImageDiT, LoadReport]:
-    model, report, read = prepare_dit(source)
-    _materialise(model, read, dtype, device)
-    report.dtype = dtype
-    return model, report
+    return _load(prepare_dit(source), dtype, device)
 
 
 def prepare_dit(source: Source) -> tuple[ZImageDiT, LoadReport, Callable[[str], Tensor]]:
@@ -180,9 +193,7 @@ def prepare_dit(source: Source) -> tuple[ZImageDiT, LoadReport, Callable[[str], 
     ckpt, how = open_part(source, "dit")
     layout, plan, ignored = dit_plan(ckpt)
     shapes = {k: _plan_shape(ckpt, v) for k, v in plan.items()}
-    cfg = _config_from(DiTConfig.from_shapes, shapes, ckpt, "dit", layout)
-    model = _build_on_meta(lambda: ZImageDiT(cfg))
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "dit", layout)
+    model, cfg = _checked_model(ZImageDiT, DiTConfig, shapes, ckpt, "dit", layout)
     return model, _report(ckpt, "dit", f"{layout} ({how})", cfg, None, ignored), _dit_reader(ckpt, plan)
 
 
@@ -201,10 +212,7 @@ def _report(ckpt: Checkpoint, part: str, layout: str, cfg, dtype, ignored=()) ->
 
 def load_text_encoder(source: Source, dtype: torch.dtype = torch.float32,
                       device="cpu") -> tuple[Qwen3Encoder, LoadReport]:
-    model, report, read = prepare_text_encoder(source)
-    _materialise(model, read, dtype, device)
-    report.dtype = dtype
-    return model, report
+    return _load(prepare_text_encoder(source), dtype, device)
 
 
 def prepare_text_encoder(source: Source) -> tuple[Qwen3Encoder, LoadReport, Callable[[str], Tensor]]:
@@ -213,9 +221,7 @@ def prepare_text_encoder(source: Source) -> tuple[Qwen3Encoder, LoadReport, Call
     if "model.layers.0.self_attn.q_norm.weight" not in names or "model.embed_tokens.weight" not in names:
         raise _unknown(ckpt, "text")
     shapes = {ours: ckpt.shapes[src] for ours, src in names.items()}
-    cfg = _config_from(Qwen3Config.from_shapes, shapes, ckpt, "text", how)
-    model = _build_on_meta(lambda: Qwen3Encoder(cfg))
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "text", how)
+    model, cfg = _checked_model(Qwen3Encoder, Qwen3Config, shapes, ckpt, "text", how)
     ignored = set(ckpt.keys()) - set(names.values())
     return model, _report(ckpt, "text", how, cfg, None, ignored), lambda key: ckpt.read(names[key])
 
@@ -230,6 +236,10 @@ def text_encoder_names(keys: list[str]) -> dict[str, str]:
 # ---- VAE -----------------------------------------------------------------------------------------------------
 
 def load_vae(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[AutoEncoder, LoadReport]:
+    return _load(prepare_vae(source), dtype, device)
+
+
+def prepare_vae(source: Source) -> tuple[AutoEncoder, LoadReport, Callable[[str], Tensor]]:
     ckpt, how = open_part(source, "vae")
     keys = ckpt.keys()
     if is_diffusers_layout(keys):
@@ -243,8 +253,5 @@ def load_vae(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -
         layout, read, shapes = "comfyui/bfl", ckpt.read, dict(ckpt.shapes)
     else:
         raise _unknown(ckpt, "vae")
-    cfg = _config_from(VAEConfig.from_shapes, shapes, ckpt, "vae", layout)
-    model = _build_on_meta(lambda: AutoEncoder(cfg))
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, ckpt, "vae", layout)
-    _materialise(model, read, dtype, device)
-    return model, _report(ckpt, "vae", f"{layout} ({how})", cfg, dtype)
+    model, cfg = _checked_model(AutoEncoder, VAEConfig, shapes, ckpt, "vae", layout)
+    return model, _report(ckpt, "vae", f"{layout} ({how})", cfg, None), read
