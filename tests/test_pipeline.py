@@ -117,3 +117,27 @@ def test_img2img_starts_from_the_image(ours):
 def test_bad_sizes_are_named(w, h):
     with pytest.raises(ValueError, match="multiple of 16"):
         check_size(w, h)
+
+
+def test_precision_policy():
+    from zimage_core.precision import choose_dtypes
+    cpu = choose_dtypes("cpu")
+    assert (cpu.dit, cpu.text_encoder, cpu.vae) == (torch.float32,) * 3
+    half = choose_dtypes("cpu", "fp16")
+    assert half.dit == torch.float16 and half.vae == torch.float32      # the VAE is never fp16
+    assert choose_dtypes("cpu", "bf16").vae == torch.bfloat16
+    with pytest.raises(ValueError, match="weight dtype must be"):
+        choose_dtypes("cpu", "int4")
+
+
+def test_diffusers_folder_and_split_files_give_identical_outputs(ours, tmp_path):
+    """Round trip: what we loaded from the diffusers folder, written as ComfyUI split files, loads back equal."""
+    from safetensors.torch import save_file
+    m = ours.models
+    paths = [tmp_path / n for n in ("dit.safetensors", "te.safetensors", "ae.safetensors")]
+    for module, path in zip((m.dit, m.text_encoder, m.vae), paths):
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    split = ZImagePipeline(load_zimage(*paths, tokenizer=tokenizer_dir()))
+    assert [r.layout for r in split.models.reports] == ["comfyui (file)", "file", "comfyui/bfl (file)"]
+    kwargs = dict(width=32, height=48, steps=2, seed=9)
+    assert torch.equal(split(PROMPT, **kwargs), ours(PROMPT, **kwargs))

@@ -13,6 +13,7 @@ from torch import Tensor
 from .config import FLUX_LATENT, SAMPLING
 from .dit import ZImageDiT
 from .loading import LoadReport, Source, load_dit, load_text_encoder, load_vae
+from .precision import choose_dtypes
 from .sampling import StepCallback, initial_noise, sample, sigma_schedule
 from .text_encoder import Qwen3Encoder, encode_prompts
 from .tokenizer import PromptTokenizer
@@ -38,11 +39,11 @@ class ZImageModels:
 
 
 def load_zimage(dit: Source, text_encoder: Source | None = None, vae: Source | None = None,
-                tokenizer: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                tokenizer: str | Path | None = None, dtype: str = "auto",
                 device: str | torch.device = "cpu") -> ZImageModels:
     """Load every part. With only `dit`, it must be an all-in-one file or a diffusers folder holding them all;
-    the tokenizer defaults to a diffusers folder's tokenizer/. The VAE is kept in fp32 unless dtype is bf16
-    (never fp16: the Flux AE overflows it and decodes black)."""
+    the tokenizer defaults to a diffusers folder's tokenizer/. dtype: 'auto', 'bf16', 'fp16' or 'fp32' for the
+    DiT and text encoder; the VAE follows precision.choose_dtypes (never fp16)."""
     te_source = text_encoder if text_encoder is not None else dit
     vae_source = vae if vae is not None else dit
     if tokenizer is None:
@@ -50,10 +51,10 @@ def load_zimage(dit: Source, text_encoder: Source | None = None, vae: Source | N
         if tokenizer is None or not tokenizer.is_dir():
             raise FileNotFoundError("no tokenizer folder given and none found next to the weights: pass the "
                                     "folder holding vocab.json and merges.txt (or tokenizer.json)")
-    vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    d, rd = load_dit(dit, dtype, device)
-    te, rt = load_text_encoder(te_source, dtype, device)
-    ae, rv = load_vae(vae_source, vae_dtype, device)
+    dtypes = choose_dtypes(device, dtype)
+    d, rd = load_dit(dit, dtypes.dit, device)
+    te, rt = load_text_encoder(te_source, dtypes.text_encoder, device)
+    ae, rv = load_vae(vae_source, dtypes.vae, device)
     return ZImageModels(d, te, ae, PromptTokenizer.from_dir(tokenizer), [rd, rt, rv])
 
 

@@ -1,0 +1,37 @@
+"""The precision policy, in one place: which dtype each part runs in on a given device.
+
+bf16 where the GPU has it (the DiT's activations overflow fp16: black images), fp32 on CPU and on GPUs
+without bf16 (an fp16 DiT path needs overflow guards first). The VAE is never fp16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PartDtypes:
+    dit: torch.dtype
+    text_encoder: torch.dtype
+    vae: torch.dtype
+
+
+def has_bf16(device: torch.device) -> bool:
+    """bf16 worth running in: CUDA devices that support it. CPU bf16 matmul is slow or emulated on most CPUs."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def choose_dtypes(device: str | torch.device = "cpu", requested: str = "auto") -> PartDtypes:
+    """requested: 'auto' or one of NAMED for the DiT and text encoder; the VAE follows the safe rule."""
+    device = torch.device(device)
+    if requested == "auto":
+        main = torch.bfloat16 if has_bf16(device) else torch.float32
+    elif requested in NAMED:
+        main = NAMED[requested]
+    else:
+        raise ValueError(f"weight dtype must be 'auto' or one of {', '.join(NAMED)}, got '{requested}'")
+    vae = torch.bfloat16 if main == torch.bfloat16 else torch.float32
+    return PartDtypes(dit=main, text_encoder=main, vae=vae)
