@@ -1,6 +1,14 @@
 """ComfyUI entry point of the Z-Image-Turbo pack.
 
-The engine (`zimage_core/`) is complete and tested on its own; the ComfyUI nodes that expose it (loader,
-sampler, VAE, size) are the next piece of work and will register here through one path only.
-Until then ComfyUI loads this folder and finds no nodes in it, which it logs and ignores.
+Inside ComfyUI this registers the nodes (V1 mappings, one registration path only). Outside it (tests, tools)
+the folder stays importable: the engine in zimage_core/ never imports ComfyUI.
 """
+try:
+    import comfy  # noqa: F401  (present only inside ComfyUI)
+except ImportError:
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+else:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -184,16 +184,19 @@ def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
     return t.float()
 
 
-def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[ZImageDiT, LoadReport]:
-    return _load(prepare_dit(source), dtype, device)
+def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu",
+             model_cls: type[ZImageDiT] = ZImageDiT) -> tuple[ZImageDiT, LoadReport]:
+    """model_cls: ZImageDiT or a subclass with the same parameters (the ComfyUI adapter)."""
+    return _load(prepare_dit(source, model_cls), dtype, device)
 
 
-def prepare_dit(source: Source) -> tuple[ZImageDiT, LoadReport, Callable[[str], Tensor]]:
+def prepare_dit(source: Source, model_cls: type[ZImageDiT] = ZImageDiT
+                ) -> tuple[ZImageDiT, LoadReport, Callable[[str], Tensor]]:
     """Everything but reading the data: layout, config, a meta model that passed the strict check."""
     ckpt, how = open_part(source, "dit")
     layout, plan, ignored = dit_plan(ckpt)
     shapes = {k: _plan_shape(ckpt, v) for k, v in plan.items()}
-    model, cfg = _checked_model(ZImageDiT, DiTConfig, shapes, ckpt, "dit", layout)
+    model, cfg = _checked_model(model_cls, DiTConfig, shapes, ckpt, "dit", layout)
     return model, _report(ckpt, "dit", f"{layout} ({how})", cfg, None, ignored), _dit_reader(ckpt, plan)
 
 

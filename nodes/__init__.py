@@ -1,0 +1,20 @@
+"""The pack's ComfyUI nodes. Registered through NODE_CLASS_MAPPINGS only (V1), which ComfyUI 0.3.75 and
+0.30.0 both load. Node ids are frozen: inputs may be appended, never renamed."""
+from .image import ZImageTurboSize, ZImageTurboVAEDecode
+from .loaders import ZImageTurboCheckpointLoader, ZImageTurboLoader
+from .sampling import ZImageTurboSampler
+
+NODE_CLASS_MAPPINGS = {
+    "ZImageTurboLoader": ZImageTurboLoader,
+    "ZImageTurboCheckpointLoader": ZImageTurboCheckpointLoader,
+    "ZImageTurboSampler": ZImageTurboSampler,
+    "ZImageTurboVAEDecode": ZImageTurboVAEDecode,
+    "ZImageTurboSize": ZImageTurboSize,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ZImageTurboLoader": "Z-Image Turbo Loader",
+    "ZImageTurboCheckpointLoader": "Z-Image Turbo Checkpoint Loader",
+    "ZImageTurboSampler": "Z-Image Turbo Sampler",
+    "ZImageTurboVAEDecode": "Z-Image Turbo VAE Decode",
+    "ZImageTurboSize": "Z-Image Turbo Size",
+}

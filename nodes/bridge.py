@@ -1,0 +1,161 @@
+"""The engine handed to ComfyUI as its own types: MODEL (a ModelPatcher over a Lumina2 BaseModel whose
+diffusion_model is our DiT), CLIP (comfy.sd.CLIP over our Qwen3 encoder and tokenizer) and VAE (comfy.sd.VAE
+over our Flux AE). Core nodes (CLIPTextEncode, KSampler, ModelSamplingAuraFlow, LoraLoader, VAEDecode) and
+ComfyUI's memory management then work with them. The only module besides the nodes that imports ComfyUI.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models
+import comfy.supported_models_base
+
+from ..zimage_core.dit import ZImageDiT
+from ..zimage_core.text_encoder import Qwen3Encoder
+from ..zimage_core.tokenizer import PromptTokenizer
+from ..zimage_core.vae import AutoEncoder
+
+log = logging.getLogger("ZImageTurbo")
+TOKEN_KEY = "zimage_qwen3"
+
+
+# ---- MODEL ---------------------------------------------------------------------------------------------
+
+class ComfyZImageDiT(ZImageDiT):
+    """Our DiT with the call ComfyUI's BaseModel makes: (x, sigma, context, num_tokens, attention_mask, ...)
+    returning -u, like core's NextDiT. Same parameters, same state-dict keys, so LoRA keys line up."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, num_tokens=None, attention_mask=None,
+                **kwargs) -> Tensor:
+        return -super().forward(x, 1.0 - timesteps, captions_from_context(context, num_tokens, attention_mask))
+
+    def raw(self, x: Tensor, t: Tensor, captions: list[Tensor]) -> Tensor:
+        """The engine's own call (t = 1 - sigma, returns u), for the pack's sampler."""
+        return super().forward(x, t, captions)
+
+
+def captions_from_context(context: Tensor, num_tokens=None, attention_mask=None) -> list[Tensor]:
+    """ComfyUI batches conditionings as (B, L, D); keep each sample's valid tokens."""
+    if attention_mask is not None:
+        return [c[m.bool()] for c, m in zip(context, attention_mask)]
+    n = context.shape[1] if num_tokens is None else int(num_tokens)
+    return [c[:n] for c in context]
+
+
+def make_model(dit: ComfyZImageDiT) -> comfy.model_patcher.ModelPatcher:
+    unet_config = {"image_model": "lumina2", "dim": dit.cfg.dim, "disable_unet_model_creation": True}
+    model_config = comfy.supported_models.ZImage(unet_config)
+    model_config.set_inference_dtype(dit.dtype, None)
+    model = comfy.model_base.Lumina2(model_config, device=mm.unet_offload_device())
+    model.diffusion_model = dit
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def engine_dit(model: comfy.model_patcher.ModelPatcher) -> ComfyZImageDiT:
+    dit = getattr(model.model, "diffusion_model", None)
+    if not isinstance(dit, ComfyZImageDiT):
+        raise ValueError("this MODEL was not loaded by a Z-Image Turbo loader node: connect 'Z-Image Turbo "
+                         "Loader' (or the checkpoint loader of this pack) to the sampler, or use core KSampler")
+    return dit
+
+
+# ---- CLIP ----------------------------------------------------------------------------------------------
+
+class _TokenizerAdapter:
+    """What comfy.sd.CLIP expects of a tokenizer: tokenize_with_weights -> {key: [[(id, weight), ...]]}."""
+
+    def __init__(self, tokenizer: PromptTokenizer, embedding_directory=None, tokenizer_data=None, **kwargs):
+        self.tokenizer = tokenizer
+
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
+        ids = self.tokenizer.encode(text)
+        return {TOKEN_KEY: [[(i, 1.0, 0) if return_word_ids else (i, 1.0) for i in ids]]}
+
+    def untokenize(self, token_weight_pair):
+        return token_weight_pair
+
+    def state_dict(self):
+        return {}
+
+
+class _TextEncoderAdapter(torch.nn.Module):
+    """What comfy.sd.CLIP expects of a text model: encode_token_weights -> (cond, pooled, extra)."""
+
+    def __init__(self, encoder: Qwen3Encoder, device=None, dtype=None, model_options=None):
+        super().__init__()
+        self.encoder = encoder
+        self.dtypes = {next(encoder.parameters()).dtype}
+        self.disable_offload = False
+        if device is not None:
+            self.encoder.to(device)
+
+    def reset_clip_options(self):
+        pass
+
+    def set_clip_options(self, options):
+        pass
+
+    def encode_token_weights(self, token_weight_pairs):
+        ids = [t[0] for t in token_weight_pairs[TOKEN_KEY][0]]
+        device = next(self.encoder.parameters()).device
+        with torch.no_grad():
+            hidden = self.encoder(torch.tensor([ids], device=device))
+        return hidden.float().to(mm.intermediate_device()), None, {}
+
+    def load_sd(self, sd):
+        return self.encoder.load_state_dict(sd, strict=False)
+
+
+def make_clip(encoder: Qwen3Encoder, tokenizer: PromptTokenizer) -> comfy.sd.CLIP:
+    target = comfy.supported_models_base.ClipTarget(
+        lambda **kw: _TokenizerAdapter(tokenizer, **kw), lambda **kw: _TextEncoderAdapter(encoder, **kw))
+    dtype = next(encoder.parameters()).dtype
+    return comfy.sd.CLIP(target=target, model_options={"dtype": dtype})
+
+
+# ---- VAE -----------------------------------------------------------------------------------------------
+
+class _AEAdapter(torch.nn.Module):
+    """What comfy.sd.VAE calls on its first_stage_model: encode(pixels in [-1, 1]) and decode(latent)."""
+
+    def __init__(self, ae: AutoEncoder):
+        super().__init__()
+        self.ae = ae
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.ae.encode(x)
+
+    def decode(self, z: Tensor, **kwargs) -> Tensor:
+        return self.ae.decode(z)
+
+
+def make_vae(ae: AutoEncoder) -> comfy.sd.VAE:
+    """comfy.sd.VAE detects architectures from full-size keys only, so it is started on a stub (the tiny
+    TAESD branch, which builds in milliseconds) to set every attribute this ComfyUI version uses, then given
+    our AE and the Flux latent facts."""
+    stub = {"taesd_decoder.1.weight": torch.zeros(64, 16, 3, 3)}
+    dtype = next(ae.parameters()).dtype
+    vae = comfy.sd.VAE(sd=stub, dtype=dtype)
+    vae.first_stage_model = _AEAdapter(ae).eval()
+    vae.latent_channels = ae.cfg.z_channels
+    vae.downscale_ratio = vae.upscale_ratio = ae.cfg.downscale
+    vae.process_input = lambda image: image * 2.0 - 1.0
+    vae.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+    vae.working_dtypes = [torch.bfloat16, torch.float32]          # never fp16: the Flux AE overflows it
+    vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.device,
+                                                   offload_device=mm.vae_offload_device())
+    vae.size = None
+    vae.model_size()
+    return vae

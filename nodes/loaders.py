@@ -1,0 +1,81 @@
+"""Loader nodes: the released files, picked from ComfyUI's model folders, out as core MODEL, CLIP and VAE."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import comfy.sd
+import comfy.model_management as mm
+import folder_paths
+
+from ..zimage_core.loading import load_dit, load_text_encoder, load_vae
+from ..zimage_core.precision import NAMED, choose_dtypes
+from ..zimage_core.tokenizer import PromptTokenizer
+from . import bridge
+
+CATEGORY = "Z-Image Turbo"
+DTYPES = ["auto", *NAMED]
+DTYPE_TIP = ("Precision of the diffusion model and text encoder. auto: bf16 on GPUs that have it, else fp32. "
+             "fp8 files are dequantised on load. The VAE never runs in fp16.")
+
+
+def comfy_tokenizer_dir() -> Path:
+    """The Qwen BPE files every ComfyUI with Z-Image ships (the same byte-level BPE as Qwen3's)."""
+    return Path(comfy.sd.__file__).parent / "text_encoders" / "qwen25_tokenizer"
+
+
+def load_parts(dit_path, te_path, vae_path, weight_dtype: str, tokenizer_dir: Path | None = None):
+    dtypes = choose_dtypes(mm.get_torch_device(), weight_dtype)
+    offload = mm.unet_offload_device()
+    dit, r1 = load_dit(dit_path, dtypes.dit, offload, model_cls=bridge.ComfyZImageDiT)
+    te, r2 = load_text_encoder(te_path, dtypes.text_encoder, offload)
+    ae, r3 = load_vae(vae_path, dtypes.vae, offload)
+    for report in (r1, r2, r3):
+        bridge.log.info("Z-Image Turbo: loaded %s", report)
+    tokenizer = PromptTokenizer.from_dir(tokenizer_dir or comfy_tokenizer_dir())
+    return bridge.make_model(dit), bridge.make_clip(te, tokenizer), bridge.make_vae(ae)
+
+
+class ZImageTurboLoader:
+    DESCRIPTION = ("Loads Z-Image-Turbo from ComfyUI's split files (diffusion model bf16 or fp8, Qwen3-4B text "
+                   "encoder, Flux VAE) into the pack's fast engine. Works with core nodes too.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (folder_paths.get_filename_list("diffusion_models"),
+                          {"tooltip": "The diffusion model, e.g. z_image_turbo_bf16.safetensors, in "
+                                      "models/diffusion_models."}),
+            "clip_name": (folder_paths.get_filename_list("text_encoders"),
+                          {"tooltip": "The Qwen3-4B text encoder, qwen_3_4b.safetensors, in models/text_encoders."}),
+            "vae_name": (folder_paths.get_filename_list("vae"),
+                         {"tooltip": "The Flux VAE, ae.safetensors, in models/vae."}),
+            "weight_dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TIP}),
+        }}
+
+    def load(self, unet_name, clip_name, vae_name, weight_dtype):
+        return load_parts(folder_paths.get_full_path_or_raise("diffusion_models", unet_name),
+                          folder_paths.get_full_path_or_raise("text_encoders", clip_name),
+                          folder_paths.get_full_path_or_raise("vae", vae_name), weight_dtype)
+
+
+class ZImageTurboCheckpointLoader:
+    DESCRIPTION = ("Loads an all-in-one Z-Image-Turbo checkpoint (diffusion model, text encoder and VAE in one "
+                   "file, from models/checkpoints) into the pack's fast engine.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "ckpt_name": (folder_paths.get_filename_list("checkpoints"),
+                          {"tooltip": "An all-in-one Z-Image-Turbo .safetensors in models/checkpoints."}),
+            "weight_dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TIP}),
+        }}
+
+    def load(self, ckpt_name, weight_dtype):
+        path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+        return load_parts(path, path, path, weight_dtype)
