@@ -1,51 +1,43 @@
-"""Demo: write tiny random Z-Image-Turbo files in ComfyUI's split-file layout, load them with the engine,
-run the e-commerce template's prompt through the turbo pipeline (8 steps, cfg 1) and save a PNG.
+"""Demo: the e-commerce workflow (workflows/ecommerce_turbo_api.json, 1024x1024, 8 steps) run by a real
+ComfyUI server with this pack installed, on tiny random weights written in the released file layouts.
 
-Random weights make a random-looking picture: the point is that every stage runs, end to end, anywhere.
+Random weights make a random-looking picture: the point is that every stage runs, end to end, as a user's
+REST client drives it.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from zimage_core import synthetic  # noqa: E402
-from zimage_core.pipeline import ZImagePipeline, load_zimage  # noqa: E402
-
-PROMPT = "一位穿着汉服的女孩站在樱花树下,左侧有一只白猫,右侧有灯笼,写实风格"   # the seed template's prompt
+from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--comfyui", default="0.30.0", choices=["0.30.0", "0.3.75"])
+    parser.add_argument("--workflow", default="ecommerce_turbo_api.json")
     parser.add_argument("--out", type=Path, default=REPO / "output")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=12345)
     args = parser.parse_args()
 
-    tokenizer = next(REPO.glob(".runtime/ComfyUI-*/comfy/text_encoders/qwen25_tokenizer"), None)
-    if tokenizer is None:
-        sys.exit("Qwen tokenizer files not found: run scripts/setup_runtime.sh first")
-    with tempfile.TemporaryDirectory() as models:
-        files = synthetic.write_split_files(models)
-        pipe = ZImagePipeline(load_zimage(files.dit, files.text_encoder, files.vae, tokenizer))
-        for report in pipe.models.reports:
-            print("loaded", report)
-        start = time.perf_counter()
-        images = pipe(PROMPT, width=args.size, height=args.size, seed=args.seed,
-                      callback=lambda i, n, x, d: print(f"  step {i}/{n}"))
-        seconds = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"Ecommerce_ZImage_demo_{args.seed}.png"
-    Image.fromarray((images[0].numpy() * 255).round().astype(np.uint8)).save(path)
-    print(f"{args.size}x{args.size}, 8 steps in {seconds:.2f} s -> {path}")
+    with tempfile.TemporaryDirectory() as base:
+        print(f"writing tiny Z-Image-Turbo weights and starting ComfyUI {args.comfyui} on 127.0.0.1 ...")
+        write_tiny_models(Path(base) / "models")
+        with ComfyServer(args.comfyui, Path(base)) as server:
+            start = time.perf_counter()
+            entry = server.run(load_workflow(args.workflow))
+            seconds = time.perf_counter() - start
+            args.out.mkdir(parents=True, exist_ok=True)
+            saved = [Path(shutil.copy(f, args.out / f.name)) for f in server.output_files(entry)]
+    print(f"{args.workflow} ran in {seconds:.1f} s on ComfyUI {args.comfyui}")
+    for path in saved:
+        print(path)
 
 
 if __name__ == "__main__":
