@@ -1,7 +1,7 @@
 """The pack's ComfyUI nodes. Registered through NODE_CLASS_MAPPINGS only (V1), which ComfyUI 0.3.75 and
 0.30.0 both load. Node ids are frozen: inputs may be appended, never renamed."""
-from .image import ZImageTurboSize, ZImageTurboVAEDecode
-from .loaders import ZImageTurboCheckpointLoader, ZImageTurboLoader
+from .image import ZImageTurboSize, ZImageTurboVAEDecode, ZImageTurboVAEEncode
+from .loaders import ZImageTurboCheckpointLoader, ZImageTurboDiffusersLoader, ZImageTurboLoader
 from .sampling import ZImageTurboSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -10,6 +10,8 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTurboSampler": ZImageTurboSampler,
     "ZImageTurboVAEDecode": ZImageTurboVAEDecode,
     "ZImageTurboSize": ZImageTurboSize,
+    "ZImageTurboDiffusersLoader": ZImageTurboDiffusersLoader,
+    "ZImageTurboVAEEncode": ZImageTurboVAEEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboLoader": "Z-Image Turbo Loader",
@@ -17,4 +19,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboSampler": "Z-Image Turbo Sampler",
     "ZImageTurboVAEDecode": "Z-Image Turbo VAE Decode",
     "ZImageTurboSize": "Z-Image Turbo Size",
+    "ZImageTurboDiffusersLoader": "Z-Image Turbo Diffusers Loader",
+    "ZImageTurboVAEEncode": "Z-Image Turbo VAE Encode",
 }

@@ -68,3 +68,26 @@ class ZImageTurboVAEDecode:
                              "saved). The latent overflowed: load the model with weight_dtype bf16 or fp32, "
                              "not fp16, and keep cfg near 1")
         return (images,)
+
+
+class ZImageTurboVAEEncode:
+    DESCRIPTION = "Encodes an image with the Flux VAE into a latent for image-to-image (sampler denoise < 1)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pixels": ("IMAGE", {"tooltip": "The image to start from; cropped to multiples of 16 pixels."}),
+            "vae": ("VAE", {"tooltip": "The VAE from the loader."}),
+        }}
+
+    def encode(self, pixels, vae):
+        h, w = (pixels.shape[1] // MULTIPLE) * MULTIPLE, (pixels.shape[2] // MULTIPLE) * MULTIPLE
+        if h == 0 or w == 0:
+            raise ValueError(f"the image is {pixels.shape[2]}x{pixels.shape[1]}: it must be at least 16x16 pixels")
+        latent = vae.encode(pixels[:, :h, :w, :3])
+        if not torch.isfinite(latent).all():
+            raise ValueError("the encoded latent contains NaN or infinite values: load the VAE in bf16 or fp32")
+        return ({"samples": latent},)

@@ -79,3 +79,39 @@ class ZImageTurboCheckpointLoader:
     def load(self, ckpt_name, weight_dtype):
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
         return load_parts(path, path, path, weight_dtype)
+
+
+def diffusers_folders() -> dict[str, Path]:
+    """Folders under models/diffusers that hold a diffusers pipeline (a model_index.json), by display name."""
+    found = {}
+    for root in folder_paths.get_folder_paths("diffusers"):
+        root = Path(root)
+        if root.is_dir():
+            for index in sorted(root.glob("**/model_index.json")):
+                found[index.parent.relative_to(root).as_posix()] = index.parent
+    return found
+
+
+class ZImageTurboDiffusersLoader:
+    DESCRIPTION = ("Loads a Z-Image-Turbo diffusers folder (transformer/ shards, text_encoder/, vae/, "
+                   "tokenizer/) from models/diffusers into the pack's fast engine.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_path": (sorted(diffusers_folders()),
+                           {"tooltip": "A folder in models/diffusers holding model_index.json, e.g. Z-Image-Turbo."}),
+            "weight_dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TIP}),
+        }}
+
+    def load(self, model_path, weight_dtype):
+        folders = diffusers_folders()
+        if model_path not in folders:                       # only folders found under models/diffusers
+            raise ValueError(f"model_path '{model_path}' is not a diffusers folder in models/diffusers; "
+                             f"found: {', '.join(folders) or 'none'}")
+        folder = folders[model_path]
+        tokenizer = folder / "tokenizer"
+        return load_parts(folder, folder, folder, weight_dtype, tokenizer if tokenizer.is_dir() else None)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree
+from conftest import REPO, comfyui_tree, write_diffusers_folder
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
 
-PACK_NODES = ["ZImageTurboLoader", "ZImageTurboCheckpointLoader", "ZImageTurboSampler", "ZImageTurboVAEDecode",
-              "ZImageTurboSize"]
+PACK_NODES = ["ZImageTurboLoader", "ZImageTurboCheckpointLoader", "ZImageTurboDiffusersLoader",
+              "ZImageTurboSampler", "ZImageTurboVAEDecode", "ZImageTurboVAEEncode", "ZImageTurboSize"]
 WORKFLOWS = sorted(p.name for p in (REPO / "workflows").glob("*_api.json"))
 
 
@@ -24,6 +24,7 @@ def server(request, tmp_path_factory):
     comfyui_tree(request.param)
     base = tmp_path_factory.mktemp(f"comfy-{request.param}")
     write_tiny_models(base / "models")
+    write_diffusers_folder(base / "models" / "diffusers" / "Z-Image-Turbo-tiny")
     with ComfyServer(request.param, base) as srv:
         yield srv
 
@@ -121,3 +122,27 @@ def test_bad_requests_name_the_input_and_the_server_keeps_serving(server, node, 
     errors = body["node_errors"][node]["errors"]
     assert errors[0]["type"] == error and errors[0]["extra_info"]["input_name"] == field
     assert server.run(turbo_job("y", 64))["status"]["status_str"] == "success"
+
+
+def test_diffusers_folder_loader(server):
+    wf = turbo_job("a red fox", 64)
+    wf["3"] = {"class_type": "ZImageTurboDiffusersLoader",
+               "inputs": {"model_path": "Z-Image-Turbo-tiny", "weight_dtype": "auto"}}
+    files = server.output_files(server.run(wf))
+    assert Image.open(files[0]).size == (64, 64) and pixels(files[0]).std() > 1
+
+
+def test_size_presets_set_the_image_size(server):
+    wf = turbo_job("a poster", 64)
+    wf["5"] = {"class_type": "ZImageTurboSize", "inputs": {"aspect": "16:9", "base": 1024, "batch_size": 1}}
+    files = server.output_files(server.run(wf))
+    assert Image.open(files[0]).size == (1360, 768)
+
+
+def test_image_to_image(server):
+    wf = turbo_job("a blue cup", 64)
+    wf["30"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x3366CC}}
+    wf["31"] = {"class_type": "ZImageTurboVAEEncode", "inputs": {"pixels": ["30", 0], "vae": ["3", 2]}}
+    wf["10"]["inputs"].update(latent_image=["31", 0], denoise=0.5)
+    files = server.output_files(server.run(wf))
+    assert Image.open(files[0]).size == (64, 64)
