@@ -25,8 +25,28 @@ def server(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"comfy-{request.param}")
     write_tiny_models(base / "models")
     write_diffusers_folder(base / "models" / "diffusers" / "Z-Image-Turbo-tiny")
+    write_lora(base / "models" / "loras" / "tiny_qkv_lora.safetensors")
+    write_sdxl_like(base / "models" / "checkpoints" / "not_zimage_sdxl.safetensors")
     with ComfyServer(request.param, base) as srv:
         yield srv
+
+
+def write_lora(path):
+    """A ComfyUI-native LoRA on the fused qkv of the first main block (our key names)."""
+    import torch
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    key = "diffusion_model.layers.0.attention.qkv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{key}.lora_up.weight": torch.randn(192, 4, generator=g),
+               f"{key}.lora_down.weight": torch.randn(4, 64, generator=g)}, str(path))
+
+
+def write_sdxl_like(path):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4),
+               "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}, str(path))
 
 
 def turbo_job(prompt: str, size: int, batch: int = 1, seed: int = 12345) -> dict:
@@ -146,3 +166,30 @@ def test_image_to_image(server):
     wf["10"]["inputs"].update(latent_image=["31", 0], denoise=0.5)
     files = server.output_files(server.run(wf))
     assert Image.open(files[0]).size == (64, 64)
+
+
+def test_core_lora_loader_patches_the_pack_model(server):
+    """Core LoraLoader finds our DiT's keys (they are ComfyUI's): strength 0 changes nothing, 1 changes the image."""
+    results = []
+    for strength in (0.0, 1.0):
+        wf = turbo_job("a lamp", 64, seed=3)
+        wf["40"] = {"class_type": "LoraLoader", "inputs": {"model": ["3", 0], "clip": ["3", 1],
+                    "lora_name": "tiny_qkv_lora.safetensors", "strength_model": strength, "strength_clip": 0.0}}
+        wf["10"]["inputs"]["model"] = ["40", 0]
+        wf["11"]["inputs"]["filename_prefix"] = f"lora_{strength}"
+        results.append(pixels(server.output_files(server.run(wf))[0]))
+    plain = pixels(server.output_files(server.run(turbo_job("a lamp", 64, seed=3)))[0])
+    assert np.array_equal(results[0], plain)
+    assert np.abs(results[1] - plain).max() > 10
+
+
+def test_a_checkpoint_of_another_model_fails_clearly_and_the_server_keeps_serving(server):
+    wf = turbo_job("x", 64)
+    wf["3"]["inputs"]["ckpt_name"] = "not_zimage_sdxl.safetensors"
+    status, body = server.post_prompt(wf)
+    assert status == 200
+    entry = server.wait(body["prompt_id"], timeout=60)
+    error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
+    assert error["node_type"] == "ZImageTurboCheckpointLoader"
+    assert "not_zimage_sdxl.safetensors" in error["exception_message"] and "SDXL" in error["exception_message"]
+    assert server.run(turbo_job("next", 64))["status"]["status_str"] == "success"
