@@ -239,3 +239,17 @@ def test_index_pointing_outside_its_folder_is_refused(tmp_path):
         json.dumps({"weight_map": {"x_embedder.weight": "../../secret.safetensors"}}))
     with pytest.raises(UnsupportedFile, match="outside its folder"):
         load_dit(folder)
+
+
+def test_fp8_block_storage_halves_block_memory_and_stays_close(tmp_path, tiny_parts):
+    from zimage_core.quant import CastLinear, store_blocks_in_fp8
+    full, _ = load_dit_from_dict(tmp_path, tiny_parts[0])
+    fp8, _ = load_dit(tmp_path / "full.safetensors")
+    n = store_blocks_in_fp8(fp8)
+    cfg = fp8.cfg
+    assert n == 5 * (cfg.n_layers + cfg.n_noise_refiner + cfg.n_context_refiner)
+    assert isinstance(fp8.layers[0].attention.qkv, CastLinear)
+    assert fp8.layers[0].attention.qkv.weight.dtype == torch.float8_e4m3fn
+    assert fp8.x_embedder.weight.dtype == torch.float32 and fp8.final_layer.linear.weight.dtype == torch.float32
+    assert fp8.layers[0].adaLN_modulation[0].weight.dtype == torch.float32
+    assert rel_err(dit_output(fp8), dit_output(full))[1] < 0.3

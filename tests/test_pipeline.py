@@ -97,6 +97,8 @@ def test_precision_policy():
     half = choose_dtypes("cpu", "fp16")
     assert half.dit == torch.float16 and half.vae == torch.float32      # the VAE is never fp16
     assert choose_dtypes("cpu", "bf16").vae == torch.bfloat16
+    fp8 = choose_dtypes("cpu", "fp8_e4m3fn")
+    assert fp8.dit_fp8 and fp8.dit == torch.float32 and fp8.text_encoder == torch.float32
     with pytest.raises(ValueError, match="weight dtype must be"):
         choose_dtypes("cpu", "int4")
 

@@ -193,3 +193,10 @@ def test_a_checkpoint_of_another_model_fails_clearly_and_the_server_keeps_servin
     assert error["node_type"] == "ZImageTurboCheckpointLoader"
     assert "not_zimage_sdxl.safetensors" in error["exception_message"] and "SDXL" in error["exception_message"]
     assert server.run(turbo_job("next", 64))["status"]["status_str"] == "success"
+
+
+def test_fp8_weight_dtype(server):
+    wf = turbo_job("a watch", 64)
+    wf["3"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    files = server.output_files(server.run(wf))
+    assert Image.open(files[0]).size == (64, 64) and pixels(files[0]).std() > 1

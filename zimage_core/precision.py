@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_NAME = "fp8_e4m3fn"
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class PartDtypes:
     dit: torch.dtype
     text_encoder: torch.dtype
     vae: torch.dtype
+    dit_fp8: bool = False          # store the DiT's block weights in fp8 (quant.store_blocks_in_fp8)
 
 
 def has_bf16(device: torch.device) -> bool:
@@ -25,13 +27,18 @@ def has_bf16(device: torch.device) -> bool:
 
 
 def choose_dtypes(device: str | torch.device = "cpu", requested: str = "auto") -> PartDtypes:
-    """requested: 'auto' or one of NAMED for the DiT and text encoder; the VAE follows the safe rule."""
+    """requested: 'auto', 'fp8_e4m3fn' or one of NAMED for the DiT and text encoder; the VAE follows the safe
+    rule. fp8 stores the DiT blocks in fp8 and computes in what 'auto' picks; the text encoder is not fp8."""
     device = torch.device(device)
+    if requested == FP8_NAME:
+        auto = choose_dtypes(device, "auto")
+        return PartDtypes(auto.dit, auto.text_encoder, auto.vae, dit_fp8=True)
     if requested == "auto":
         main = torch.bfloat16 if has_bf16(device) else torch.float32
     elif requested in NAMED:
         main = NAMED[requested]
     else:
-        raise ValueError(f"weight dtype must be 'auto' or one of {', '.join(NAMED)}, got '{requested}'")
+        raise ValueError(f"weight dtype must be 'auto', '{FP8_NAME}' or one of {', '.join(NAMED)}, "
+                         f"got '{requested}'")
     vae = torch.bfloat16 if main == torch.bfloat16 else torch.float32
     return PartDtypes(dit=main, text_encoder=main, vae=vae)
