@@ -13,6 +13,7 @@ from conftest import REPO, comfyui_tree, write_diffusers_folder
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
+from ui_workflows import to_api  # noqa: E402
 
 PACK_NODES = ["ZImageTurboLoader", "ZImageTurboCheckpointLoader", "ZImageTurboDiffusersLoader",
               "ZImageTurboSampler", "ZImageTurboVAEDecode", "ZImageTurboVAEEncode", "ZImageTurboSize"]
@@ -200,3 +201,12 @@ def test_fp8_weight_dtype(server):
     wf["3"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
     files = server.output_files(server.run(wf))
     assert Image.open(files[0]).size == (64, 64) and pixels(files[0]).std() > 1
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_canvas_versions_are_served_to_the_template_browser_and_equal_the_api_ones(server, name):
+    """workflows/NAME.json (canvas format) is listed and served by ComfyUI, and converts back to NAME_api.json."""
+    ui_name = name.replace("_api.json", "")
+    assert ui_name in server.get("/api/workflow_templates")["comfyui_zimage_turbo"]
+    ui = server.get(f"/api/workflow_templates/comfyui_zimage_turbo/{ui_name}.json")
+    assert to_api(ui, server.object_info()) == load_workflow(name)

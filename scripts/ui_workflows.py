@@ -1,0 +1,102 @@
+"""API-format workflows <-> the canvas (LiteGraph) format that ComfyUI's template browser loads.
+
+    python scripts/ui_workflows.py OBJECT_INFO_JSON   # writes workflows/NAME.json from workflows/NAME_api.json
+
+Both live in workflows/, which ComfyUI serves to its template browser (one folder, so every listed file loads).
+
+The canvas format stores widget values by position (the node's widget inputs in INPUT_TYPES order, plus the
+'control after generate' value after a seed), so the conversion needs the nodes' /object_info.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LINKABLE = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CLIP_VISION", "CONTROL_NET"}
+
+
+def node_inputs(info: dict) -> list[tuple[str, object]]:
+    spec = info["input"]
+    return [*spec.get("required", {}).items(), *spec.get("optional", {}).items()]
+
+
+def is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind not in LINKABLE
+
+
+def has_control(name: str, spec) -> bool:
+    options = spec[1] if len(spec) > 1 else {}
+    return bool(options.get("control_after_generate")) or (name in ("seed", "noise_seed") and spec[0] == "INT")
+
+
+def to_ui(api: dict, object_info: dict) -> dict:
+    order = sorted(api, key=int)
+    nodes, links, slot_links = [], [], {}
+    for nid in order:                                           # links first: outputs need their ids
+        for name, value in api[nid]["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                src, slot = value
+                kind = object_info[api[src]["class_type"]]["output"][slot]
+                links.append([len(links) + 1, int(src), slot, int(nid), name, kind])
+                slot_links.setdefault((src, slot), []).append(len(links))
+    for i, nid in enumerate(order):
+        node = api[nid]
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name, spec in node_inputs(info):
+            value = node["inputs"].get(name)
+            if is_widget(spec) and not isinstance(value, list):
+                widgets.append(value)
+                if has_control(name, spec):
+                    widgets.append("fixed")
+            elif name in node["inputs"]:
+                link = next(l for l in links if l[3] == int(nid) and l[4] == name)
+                inputs.append({"name": name, "type": spec[0], "link": link[0]})
+        outputs = [{"name": out_name, "type": kind, "links": slot_links.get((nid, s), []), "slot_index": s}
+                   for s, (kind, out_name) in enumerate(zip(info["output"], info["output_name"]))]
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [60 + 360 * (i % 4), 80 + 320 * (i // 4)],
+                      "size": [320, 130], "flags": {}, "order": i, "mode": 0, "inputs": inputs, "outputs": outputs,
+                      "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+    for link in links:                                          # LiteGraph links name the target slot index
+        target = next(n for n in nodes if n["id"] == link[3])
+        link[4] = next(k for k, inp in enumerate(target["inputs"]) if inp["name"] == link[4])
+    return {"last_node_id": max(int(n) for n in order), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def to_api(ui: dict, object_info: dict) -> dict:
+    """Back to API format (used by the tests to prove the conversion loses nothing)."""
+    links = {l[0]: l for l in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        info = object_info[node["type"]]
+        values = iter(node["widgets_values"])
+        linked = {inp["name"]: inp["link"] for inp in node["inputs"] if inp.get("link") is not None}
+        inputs = {}
+        for name, spec in node_inputs(info):
+            if name in linked:
+                link = links[linked[name]]
+                inputs[name] = [str(link[1]), link[2]]
+            elif is_widget(spec):
+                inputs[name] = next(values)
+                if has_control(name, spec):
+                    next(values)
+        api[str(node["id"])] = {"inputs": inputs, "class_type": node["type"]}
+    return api
+
+
+def main(object_info_path: str) -> None:
+    object_info = json.loads(Path(object_info_path).read_text())
+    out = REPO / "workflows"
+    for path in sorted((REPO / "workflows").glob("*_api.json")):
+        api = json.loads(path.read_text(encoding="utf-8"))
+        target = out / path.name.replace("_api.json", ".json")
+        target.write_text(json.dumps(to_ui(api, object_info), ensure_ascii=False, indent=1), encoding="utf-8")
+        print(target)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
