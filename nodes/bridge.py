@@ -6,6 +6,7 @@ ComfyUI's memory management then work with them. The only module besides the nod
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -147,7 +148,8 @@ def make_vae(ae: AutoEncoder) -> comfy.sd.VAE:
     our AE and the Flux latent facts."""
     stub = {"taesd_decoder.1.weight": torch.zeros(64, 16, 3, 3)}
     dtype = next(ae.parameters()).dtype
-    vae = comfy.sd.VAE(sd=stub, dtype=dtype)
+    with _root_log_level(logging.ERROR):            # the stub's "Missing VAE keys" warning would mislead users
+        vae = comfy.sd.VAE(sd=stub, dtype=dtype)
     vae.first_stage_model = _AEAdapter(ae).eval()
     vae.latent_channels = ae.cfg.z_channels
     vae.downscale_ratio = vae.upscale_ratio = ae.cfg.downscale
@@ -159,3 +161,14 @@ def make_vae(ae: AutoEncoder) -> comfy.sd.VAE:
     vae.size = None
     vae.model_size()
     return vae
+
+
+@contextmanager
+def _root_log_level(level: int):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(before)

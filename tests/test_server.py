@@ -68,6 +68,11 @@ def test_pack_loads_without_errors(server):
     assert "Traceback" not in log, server.log_tail()
 
 
+def test_loading_logs_no_misleading_warnings(server):
+    server.run(turbo_job("quiet", 64, seed=77))
+    assert "Missing VAE keys" not in server.log_text()
+
+
 def test_every_node_is_listed_with_tooltips_and_a_description(server):
     info = server.object_info()
     for node_id in PACK_NODES:
