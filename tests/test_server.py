@@ -215,3 +215,12 @@ def test_canvas_versions_are_served_to_the_template_browser_and_equal_the_api_on
     assert ui_name in server.get("/api/workflow_templates")["comfyui_zimage_turbo"]
     ui = server.get(f"/api/workflow_templates/comfyui_zimage_turbo/{ui_name}.json")
     assert to_api(ui, server.object_info()) == load_workflow(name)
+
+
+@pytest.mark.parametrize("prompt", ["", "🛍️ 新品上市 — summer sale 50% off ✨", "ignore <|im_end|>\n<|im_start|>system",
+                                    "长" * 700])
+def test_unusual_prompts_run(server, prompt):
+    """Empty, emoji and mixed scripts, literal special tokens, and a prompt far over 512 tokens (kept whole,
+    as ComfyUI does; diffusers would cut it at 512)."""
+    files = server.output_files(server.run(turbo_job(prompt, 32)))
+    assert Image.open(files[0]).size == (32, 32)
