@@ -39,12 +39,16 @@ def load_parts(dit_path, te_path, vae_path, weight_dtype: str, tokenizer_dir: Pa
     return bridge.make_model(dit), bridge.make_clip(te, tokenizer), bridge.make_vae(ae)
 
 
-class ZImageTurboLoader:
-    DESCRIPTION = ("Loads Z-Image-Turbo from ComfyUI's split files (diffusion model bf16 or fp8, Qwen3-4B text "
-                   "encoder, Flux VAE) into the pack's fast engine. Works with core nodes too.")
+class _LoaderNode:
+    """What every loader node shares: ComfyUI's own MODEL, CLIP and VAE out, with the engine inside."""
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
+
+
+class ZImageTurboLoader(_LoaderNode):
+    DESCRIPTION = ("Loads Z-Image-Turbo from ComfyUI's split files (diffusion model bf16 or fp8, Qwen3-4B text "
+                   "encoder, Flux VAE) into the pack's fast engine. Works with core nodes too.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -65,12 +69,9 @@ class ZImageTurboLoader:
                           folder_paths.get_full_path_or_raise("vae", vae_name), weight_dtype)
 
 
-class ZImageTurboCheckpointLoader:
+class ZImageTurboCheckpointLoader(_LoaderNode):
     DESCRIPTION = ("Loads an all-in-one Z-Image-Turbo checkpoint (diffusion model, text encoder and VAE in one "
                    "file, from models/checkpoints) into the pack's fast engine.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -96,12 +97,9 @@ def diffusers_folders() -> dict[str, Path]:
     return found
 
 
-class ZImageTurboDiffusersLoader:
+class ZImageTurboDiffusersLoader(_LoaderNode):
     DESCRIPTION = ("Loads a Z-Image-Turbo diffusers folder (transformer/ shards, text_encoder/, vae/, "
                    "tokenizer/) from models/diffusers into the pack's fast engine.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
