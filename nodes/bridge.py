@@ -139,7 +139,18 @@ class _AEAdapter(torch.nn.Module):
         return self.ae.encode(x)
 
     def decode(self, z: Tensor, **kwargs) -> Tensor:
-        return self.ae.decode(z)
+        out = self.ae.decode(z)
+        check_finite(out, "decoded image")          # before ComfyUI clamps inf into a flat white/black image
+        return out
+
+
+NONFINITE_HINT = ("a black image would have been saved. The values overflowed: load the model with weight_dtype "
+                  "bf16 or fp32 (not fp16) and keep cfg near 1")
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"the {what} contains NaN or infinite values; {NONFINITE_HINT}")
 
 
 def make_vae(ae: AutoEncoder) -> comfy.sd.VAE:

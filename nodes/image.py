@@ -5,6 +5,7 @@ import comfy.model_management as mm
 import torch
 
 from ..zimage_core.config import FLUX_LATENT
+from . import bridge
 from .loaders import CATEGORY
 
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3), "16:9": (16, 9),
@@ -60,13 +61,11 @@ class ZImageTurboVAEDecode:
         }}
 
     def decode(self, samples, vae):
+        bridge.check_finite(samples["samples"], "latent")
         images = vae.decode(samples["samples"])
         if images.ndim == 5:                                    # some ComfyUI versions keep a frame axis
             images = images.reshape(-1, *images.shape[-3:])
-        if not torch.isfinite(images).all():
-            raise ValueError("the decoded image contains NaN or infinite values (a black image would have been "
-                             "saved). The latent overflowed: load the model with weight_dtype bf16 or fp32, "
-                             "not fp16, and keep cfg near 1")
+        bridge.check_finite(images, "decoded image")
         return (images,)
 
 
@@ -88,6 +87,5 @@ class ZImageTurboVAEEncode:
         if h == 0 or w == 0:
             raise ValueError(f"the image is {pixels.shape[2]}x{pixels.shape[1]}: it must be at least 16x16 pixels")
         latent = vae.encode(pixels[:, :h, :w, :3])
-        if not torch.isfinite(latent).all():
-            raise ValueError("the encoded latent contains NaN or infinite values: load the VAE in bf16 or fp32")
+        bridge.check_finite(latent, "encoded latent")
         return ({"samples": latent},)

@@ -28,6 +28,7 @@ def server(request, tmp_path_factory):
     write_diffusers_folder(base / "models" / "diffusers" / "Z-Image-Turbo-tiny")
     write_lora(base / "models" / "loras" / "tiny_qkv_lora.safetensors")
     write_sdxl_like(base / "models" / "checkpoints" / "not_zimage_sdxl.safetensors")
+    write_overflowing_vae(base / "models" / "vae" / "overflowing_ae.safetensors")
     with ComfyServer(request.param, base) as srv:
         yield srv
 
@@ -48,6 +49,16 @@ def write_sdxl_like(path):
     from safetensors.torch import save_file
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4),
                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}, str(path))
+
+
+def write_overflowing_vae(path):
+    """A VAE whose decoder output is infinite: what an fp16 overflow looks like by the time it is decoded."""
+    import torch
+    from safetensors.torch import save_file
+    from zimage_core import synthetic
+    sd = synthetic.vae_weights()
+    sd["decoder.conv_out.bias"] = torch.full_like(sd["decoder.conv_out.bias"], float("inf"))
+    save_file(sd, str(path))
 
 
 def turbo_job(prompt: str, size: int, batch: int = 1, seed: int = 12345) -> dict:
@@ -224,3 +235,17 @@ def test_unusual_prompts_run(server, prompt):
     as ComfyUI does; diffusers would cut it at 512)."""
     files = server.output_files(server.run(turbo_job(prompt, 32)))
     assert Image.open(files[0]).size == (32, 32)
+
+
+def test_nan_or_inf_image_is_an_error_not_a_black_png(server):
+    info = server.object_info()["ZImageTurboLoader"]["input"]["required"]
+    wf = turbo_job("x", 32)
+    wf["3"] = {"class_type": "ZImageTurboLoader", "inputs": {
+        "unet_name": info["unet_name"][0][0], "clip_name": info["clip_name"][0][0],
+        "vae_name": "overflowing_ae.safetensors", "weight_dtype": "auto"}}
+    wf["11"]["inputs"]["filename_prefix"] = "must_not_exist"
+    status, body = server.post_prompt(wf)
+    entry = server.wait(body["prompt_id"], timeout=60)
+    error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
+    assert error["node_type"] == "ZImageTurboVAEDecode" and "NaN or infinite" in error["exception_message"]
+    assert not list(server.output.glob("must_not_exist*"))
