@@ -9,7 +9,7 @@ import torch
 
 from zimage_core.config import FLUX_LATENT
 from zimage_core.vae import (FLUX_AE, AutoEncoder, VAEConfig, diffusers_to_ldm, from_model_space,
-                             load_autoencoder, to_model_space)
+                             to_model_space)
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKL = diffusers.AutoencoderKL
@@ -102,15 +102,6 @@ def test_from_shapes_rejects_inconsistent_dicts(pair) -> None:
         VAEConfig.from_shapes(sd)
     with pytest.raises(ValueError, match="encoder.conv_in.weight"):
         VAEConfig.from_shapes({"decoder.conv_in.weight": (64, 16, 3, 3)})
-
-
-def test_load_autoencoder_accepts_both_layouts(pair) -> None:
-    ref, ours = pair
-    for sd in (ref.state_dict(), ours.state_dict()):
-        model = load_autoencoder(sd)
-        assert model.cfg == TINY
-        for k, v in ours.state_dict().items():
-            assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_flux_ae_meta_size() -> None:

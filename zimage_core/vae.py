@@ -397,18 +397,3 @@ def is_diffusers_layout(keys: Sequence[str] | Mapping[str, object]) -> bool:
     """True for diffusers AutoencoderKL names, False for ae.safetensors names."""
     return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys)
 
-
-def load_autoencoder(sd: Mapping[str, Tensor], dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None) -> AutoEncoder:
-    """Build an AutoEncoder from a state dict in either layout, inferring the config from its shapes.
-
-    The model is built on meta and the tensors are assigned (no second copy of the weights).
-    """
-    if is_diffusers_layout(sd):
-        sd = diffusers_to_ldm(sd)
-    cfg = VAEConfig.from_shapes(sd)
-    with torch.device("meta"):
-        model = AutoEncoder(cfg)
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-    model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
