@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 import comfy.model_base
+import comfy.ops
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
@@ -31,7 +32,14 @@ TOKEN_KEY = "zimage_qwen3"
 
 class ComfyZImageDiT(ZImageDiT):
     """Our DiT with the call ComfyUI's BaseModel makes: (x, sigma, context, num_tokens, attention_mask, ...)
-    returning -u, like core's NextDiT. Same parameters, same state-dict keys, so LoRA keys line up."""
+    returning -u, like core's NextDiT. Same parameters, same state-dict keys, so LoRA keys line up.
+
+    Its Linears are ComfyUI's own (a subclass of nn.Linear with the same parameters), so ComfyUI's low-VRAM
+    mode can leave weights on the CPU and stream them per call, and fp8 weights are cast by ComfyUI."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        use_comfy_linears(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -44,6 +52,17 @@ class ComfyZImageDiT(ZImageDiT):
     def raw(self, x: Tensor, t: Tensor, captions: list[Tensor]) -> Tensor:
         """The engine's own call (t = 1 - sigma, returns u), for the pack's sampler."""
         return super().forward(x, t, captions)
+
+
+def use_comfy_linears(root: torch.nn.Module) -> None:
+    """Replace every plain nn.Linear by comfy.ops' Linear of the same shape, on the same device (meta while
+    loading, so nothing is allocated)."""
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, comfy.ops.disable_weight_init.Linear(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    device=child.weight.device, dtype=child.weight.dtype))
 
 
 def captions_from_context(context: Tensor, num_tokens=None, attention_mask=None) -> list[Tensor]:

@@ -30,7 +30,8 @@ def load_parts(dit_path, te_path, vae_path, weight_dtype: str, tokenizer_dir: Pa
     offload = mm.unet_offload_device()
     dit, r1 = load_dit(dit_path, dtypes.dit, offload, model_cls=bridge.ComfyZImageDiT)
     if dtypes.dit_fp8:
-        store_blocks_in_fp8(dit)
+        for linear in store_blocks_in_fp8(dit):
+            linear.comfy_cast_weights = True        # ComfyUI's Linear then casts fp8 to the activation dtype
     te, r2 = load_text_encoder(te_path, dtypes.text_encoder, offload)
     ae, r3 = load_vae(vae_path, dtypes.vae, offload)
     for report in (r1, r2, r3):

@@ -245,7 +245,7 @@ def test_fp8_block_storage_halves_block_memory_and_stays_close(tmp_path, tiny_pa
     from zimage_core.quant import CastLinear, store_blocks_in_fp8
     full, _ = load_dit_from_dict(tmp_path, tiny_parts[0])
     fp8, _ = load_dit(tmp_path / "full.safetensors")
-    n = store_blocks_in_fp8(fp8)
+    n = len(store_blocks_in_fp8(fp8))
     cfg = fp8.cfg
     assert n == 5 * (cfg.n_layers + cfg.n_noise_refiner + cfg.n_context_refiner)
     assert isinstance(fp8.layers[0].attention.qkv, CastLinear)

@@ -20,12 +20,16 @@ class CastLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
-def store_blocks_in_fp8(model: nn.Module) -> int:
-    """Turn the block attention and FFN Linears into fp8-stored CastLinears; returns how many."""
-    count = 0
+def store_blocks_in_fp8(model: nn.Module) -> list[nn.Linear]:
+    """Store the block attention and FFN Linear weights in fp8; returns those modules.
+
+    Plain nn.Linears become CastLinears. A Linear subclass is left as it is: it must cast by itself (the
+    ComfyUI adapter's Linears do, once told to)."""
+    done = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and name.startswith(BLOCKS) and name.endswith(QUANTISED):
+        if isinstance(module, nn.Linear) and name.startswith(BLOCKS) and name.endswith(QUANTISED):
             module.weight = nn.Parameter(module.weight.detach().to(FP8), requires_grad=False)
-            module.__class__ = CastLinear
-            count += 1
-    return count
+            if type(module) is nn.Linear:
+                module.__class__ = CastLinear
+            done.append(module)
+    return done

@@ -1,0 +1,52 @@
+"""The ComfyUI adapter in-process: the pack's DiT with ComfyUI's Linears computes what the engine's does,
+also when ComfyUI streams weights (its low-VRAM cast path)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, import_comfy, rel_err
+from zimage_core.config import TINY
+from zimage_core.dit import ZImageDiT
+from zimage_core.synthetic import random_state_dict
+
+
+@pytest.fixture(scope="module")
+def bridge():
+    import_comfy()
+    if "zimage_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("zimage_pack", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["zimage_pack"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module("zimage_pack.nodes.bridge")
+
+
+def test_every_linear_is_comfyui_castable(bridge):
+    import comfy.ops
+    dit = bridge.ComfyZImageDiT(TINY)
+    linears = [m for m in dit.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is comfy.ops.disable_weight_init.Linear for m in linears)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_comfy_dit_equals_the_engine(bridge, streamed):
+    engine = ZImageDiT(TINY).eval()
+    sd = random_state_dict(engine, seed=4)
+    engine.load_state_dict(sd)
+    comfy_dit = bridge.ComfyZImageDiT(TINY).eval()
+    comfy_dit.load_state_dict(sd)
+    if streamed:                                   # what ComfyUI switches on for weights it leaves off the GPU
+        for m in comfy_dit.modules():
+            if hasattr(m, "comfy_cast_weights"):
+                m.comfy_cast_weights = True
+    x, t = torch.randn(1, 16, 6, 4), torch.tensor([0.3])
+    cap = torch.randn(1, 9, TINY.cap_feat_dim)
+    with torch.no_grad():
+        ours = engine(x, t, [cap[0]])
+        theirs = -comfy_dit(x, 1 - t, cap, num_tokens=9)        # ComfyUI's call: sigma in, -u out
+    assert rel_err(theirs, ours)[1] <= 1e-6
