@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ RUNTIME = REPO / ".runtime"
 PACK_NAME = "comfyui_zimage_turbo"
 MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "checkpoints", "diffusers")
 HOST = "127.0.0.1"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")     # 0.30.0 colours its log lines ("\x1b[32m[INFO]\x1b[0m ...")
 
 
 def free_port() -> int:
@@ -172,8 +174,10 @@ class ComfyServer:
 
     # ---- log ----
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+    def log_text(self, raw: bool = False) -> str:
+        """The server's stdout and stderr so far; colour codes removed unless `raw`."""
+        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        return text if raw else ANSI_ESCAPE.sub("", text)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])

@@ -89,3 +89,47 @@ def write_diffusers_folder(folder: Path):
                           transformer=transformer)
     pipe.save_pretrained(folder, max_shard_size="100KB")       # shards + index json, as the release has
     return pipe
+
+
+# ---- a real ComfyUI server per version, shared by every test of the session that asks for `comfy` ----
+
+SERVER_VERSIONS = ["0.30.0", "0.3.75"]
+TINY_CHECKPOINT = "z-image-turbo-tiny.safetensors"
+
+
+def _server_harness():
+    """tests/comfy_server.py, loaded by path under its own module name: `comfy_server` is also the name of
+    scripts/comfy_server.py (which test_server.py imports), and ComfyUI's trees ship their own `tests` package,
+    so neither `import comfy_server` nor `import tests.comfy_server` is unambiguous in one pytest process."""
+    import importlib.util
+    name = "zimage_tests_comfy_server"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("comfy_server.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def write_server_models(models: Path) -> None:
+    """Tiny random Z-Image files where ComfyUI looks: split files plus one all-in-one checkpoint."""
+    from zimage_core import synthetic
+    synthetic.write_split_files(models)
+    synthetic.write_all_in_one(models / "checkpoints" / TINY_CHECKPOINT, synthetic.dit_weights(),
+                               synthetic.text_encoder_weights(), synthetic.vae_weights())
+
+
+@pytest.fixture(scope="session", params=SERVER_VERSIONS, ids=SERVER_VERSIONS)
+def comfy(request, tmp_path_factory):
+    """A started ComfyServer (tests/comfy_server.py) for one ComfyUI version, with the pack in custom_nodes/."""
+    version = request.param
+    tree = comfyui_tree(version)                       # skips, naming scripts/setup_runtime.sh, if missing
+    if not (RUNTIME / "venv" / "bin" / "python").is_file() or not (tree / "main.py").is_file():
+        pytest.skip(f"the ComfyUI {version} runtime is incomplete at {RUNTIME}: {SETUP_HINT}")
+    base = tmp_path_factory.mktemp(f"comfy-{version}")
+    server = _server_harness().ComfyServer(RUNTIME, REPO)
+    server.start(version, base, fill_models=write_server_models)
+    try:
+        yield server
+    finally:
+        server.stop()
