@@ -1,70 +1,166 @@
-"""CPU benchmark: one DiT forward of a reduced Z-Image config, the pack vs core ComfyUI's NextDiT vs diffusers'
-ZImageTransformer2DModel, all three on the same random weights, in one process. Prints a table of medians and
-writes JSON to bench/results/.
+"""CPU benchmark: one DiT forward of a reduced Z-Image config through the pack (zimage_core.ZImageDiT), core
+ComfyUI 0.30.0's NextDiT and diffusers' ZImageTransformer2DModel, all three holding the same random fp32 weights,
+in one process. Runs are interleaved (one call of each model per round) so machine drift hits all alike.
+Prints a table of medians and writes JSON to bench/results/.
 
-    .runtime/venv/bin/python bench/cpu_dit.py [--runs 7] [--threads 2]
+    .runtime/venv/bin/python bench/cpu_dit.py [--sizes 256 512] [--runs 5] [--threads N] [--profile]
+
+Core ComfyUI is timed twice: with the attention it picks on a CPU (sub-quadratic, as shipped) and with
+`--use-pytorch-cross-attention`'s choice (torch SDPA, the kernel the pack and diffusers use).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median_seconds, print_table, write_result  # noqa: E402
+from common import (comfy_nextdit, dit_flops, dit_token_counts, fmt_ms, import_comfy, matmul_peak,  # noqa: E402
+                    print_table, randomize_, share_weights, summary, time_once, write_result)
 from zimage_core.config import DiTConfig  # noqa: E402
 from zimage_core.dit import ZImageDiT  # noqa: E402
-from zimage_core.synthetic import random_state_dict  # noqa: E402
+from zimage_core.keys import dit_from_diffusers  # noqa: E402
 
-# Reduced but proportioned like Turbo: head_dim 128, RoPE split (32, 48, 48), ffn dim * 8/3.
-REDUCED = DiTConfig(dim=768, n_layers=4, n_noise_refiner=1, n_context_refiner=1, n_heads=6, ffn_hidden=2048,
-                    cap_feat_dim=2560, adaln_dim=256, t_embed_hidden=768)   # ComfyUI: min(dim, 1024)
-LATENT = (1, 16, 64, 64)          # 512x512 pixels: 1024 image tokens
+# Reduced but proportioned like Turbo: head_dim 128 and RoPE (32, 48, 48), ffn int(dim / 3 * 8), adaLN 256, the
+# real caption width. dim 1024 is the smallest where all three agree on the timestep MLP (diffusers hard-codes
+# a hidden width of 1024, ComfyUI uses min(dim, 1024)), so the three really hold the same weights.
+REDUCED = DiTConfig(dim=1024, n_layers=4, n_noise_refiner=1, n_context_refiner=1, n_heads=8, ffn_hidden=2730,
+                    cap_feat_dim=2560, adaln_dim=256, t_embed_hidden=1024)
 CAPTION_TOKENS = 77
+PACK, CORE, CORE_SDPA, DIFFUSERS = ("pack (zimage_core)", "ComfyUI core NextDiT", "ComfyUI core, torch SDPA",
+                                    "diffusers")
 
 
-def build_models(cfg: DiTConfig):
-    from test_dit import comfy_nextdit, diffusers_dit
-    ours = ZImageDiT(cfg).eval()
-    ours.load_state_dict(random_state_dict(ours, seed=0, std=0.02))
-    core = comfy_nextdit(cfg).eval()
-    core.load_state_dict(ours.state_dict(), strict=False)
-    ref = diffusers_dit(cfg, seed=0)                       # diffusers' own layout, random weights of the same sizes
+def build_models(cfg: DiTConfig, seed: int = 0):
+    """diffusers' model with random weights; ours and ComfyUI's with exactly those weights (ours by the pack's
+    key mapping, ComfyUI's by sharing ours' tensors: our layout is ComfyUI's)."""
+    from diffusers import ZImageTransformer2DModel
+    ref = ZImageTransformer2DModel(
+        all_patch_size=(cfg.patch_size,), all_f_patch_size=(1,), in_channels=cfg.in_channels, dim=cfg.dim,
+        n_layers=cfg.n_layers, n_refiner_layers=cfg.n_noise_refiner, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
+        cap_feat_dim=cfg.cap_feat_dim, axes_dims=list(cfg.axes_dims), axes_lens=list(cfg.axes_lens),
+        rope_theta=cfg.rope_theta, t_scale=cfg.t_scale)
+    randomize_(ref, seed)
+    sd = dit_from_diffusers(ref.state_dict(), fuse=lambda parts: torch.cat(parts))
+    ours = ZImageDiT(DiTConfig.from_shapes({k: v.shape for k, v in sd.items()}))
+    if ours.cfg != cfg:
+        raise RuntimeError(f"diffusers built another config than asked for: {ours.cfg} != {cfg}")
+    ours.load_state_dict(sd, strict=True)
+    ours.eval().requires_grad_(False)
+    with torch.device("meta"):
+        core = comfy_nextdit(cfg, device="meta")
+    share_weights(core, ours)
     return ours, core, ref
 
 
+def use_comfy_sdpa(on: bool) -> None:
+    """Switch the attention core ComfyUI's Lumina/Z-Image model calls (bound at its import)."""
+    import comfy.ldm.lumina.model as lumina
+    import comfy.ldm.modules.attention as attention
+    if not hasattr(lumina, "_bench_default_attention"):
+        lumina._bench_default_attention = lumina.optimized_attention_masked
+    lumina.optimized_attention_masked = attention.attention_pytorch if on else lumina._bench_default_attention
+
+
+def profile_forward(fn, top: int = 15) -> list[dict]:
+    """Top ops of one call by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1000,
+             "share": e.self_cpu_time_total / total} for e in events[:top]]
+    print(f"\nprofile of one pack forward (self CPU time, total {total / 1000:.1f} ms)")
+    print_table(["op", "calls", "self ms", "share"],
+                [(r["op"], r["calls"], f"{r['self_ms']:.1f}", f"{r['share']:.1%}") for r in rows])
+    return rows
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels (square)")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per model and size (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    parser.add_argument("--profile", action="store_true", help="also profile one pack forward at the last size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ours, core, ref = build_models(REDUCED)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(LATENT, generator=g)
-    cap = torch.randn(1, CAPTION_TOKENS, REDUCED.cap_feat_dim, generator=g)
-    t = torch.tensor([0.4])
-    calls = {
-        "pack (zimage_core)": lambda: ours(x, t, [cap[0]]),
-        "ComfyUI core NextDiT": lambda: core(x, 1 - t, cap, num_tokens=CAPTION_TOKENS),
-        "diffusers": lambda: ref([x[0].unsqueeze(1)], t, [cap[0]], return_dict=False),
-    }
-    with torch.inference_mode():
-        seconds = {name: median_seconds(fn, runs=args.runs) for name, fn in calls.items()}
-    pack = seconds["pack (zimage_core)"]
-    rows = [(name, f"{s * 1000:.1f}", f"{pack / s:.2f}") for name, s in seconds.items()]
-    print(f"one DiT forward, dim {REDUCED.dim}, {REDUCED.n_layers}+{REDUCED.n_noise_refiner}+"
-          f"{REDUCED.n_context_refiner} blocks, {LATENT[2] * LATENT[3] // 4} image + {CAPTION_TOKENS} caption tokens, "
-          f"fp32, {args.threads} threads, median of {args.runs}")
-    print_table(["implementation", "ms", "pack time / this"], rows)
-    write_result("cpu_dit", {"config": REDUCED.__dict__, "latent": LATENT, "caption_tokens": CAPTION_TOKENS,
-                             "threads": args.threads, "runs": args.runs, "seconds": seconds,
-                             "pack_over_core": pack / seconds["ComfyUI core NextDiT"],
-                             "pack_over_diffusers": pack / seconds["diffusers"]})
+    torch.manual_seed(0)
+    comfy_attention = import_comfy(cpu=True)
+    cfg = REDUCED
+    ours, core, ref = build_models(cfg)
+    peak = matmul_peak("cpu")
+    print(f"fp32 matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['n']}^3), {args.threads} threads; "
+          f"ComfyUI's CPU attention: {comfy_attention}")
+
+    results, rows = [], []
+    for size in args.sizes:
+        h = w = size // 8
+        g = torch.Generator().manual_seed(size)
+        x = torch.randn(1, cfg.in_channels, h, w, generator=g)
+        cap = torch.randn(1, CAPTION_TOKENS, cfg.cap_feat_dim, generator=g)
+        t = torch.tensor([0.4])
+        flops = dit_flops(cfg, h, w, CAPTION_TOKENS)
+        n_img, n_cap = dit_token_counts(cfg, h, w, CAPTION_TOKENS)
+
+        def comfy(sdpa: bool):
+            def call():
+                use_comfy_sdpa(sdpa)
+                return core(x, 1 - t, cap, num_tokens=CAPTION_TOKENS)   # ComfyUI takes sigma and returns -u
+            return call
+
+        calls = {PACK: lambda: ours(x, t, [cap[0]]), CORE: comfy(False), CORE_SDPA: comfy(True),
+                 DIFFUSERS: lambda: ref([x[0].unsqueeze(1)], t, [cap[0]], return_dict=False)}
+        times = {name: [] for name in calls}
+        with torch.inference_mode():
+            outputs = {name: fn() for name, fn in calls.items()}
+            for _ in range(args.warmup - 1):
+                for fn in calls.values():
+                    fn()
+            for _ in range(args.runs):
+                for name, fn in calls.items():
+                    times[name].append(time_once(fn, "cpu")[0])
+        use_comfy_sdpa(False)
+        u = outputs[PACK]
+        agree = {CORE: (u + outputs[CORE]).abs().max().item(), CORE_SDPA: (u + outputs[CORE_SDPA]).abs().max().item(),
+                 DIFFUSERS: (u - torch.stack(outputs[DIFFUSERS][0]).squeeze(2)).abs().max().item()}
+        stats = {name: summary(ts) for name, ts in times.items()}
+        pack_s = stats[PACK]["median"]
+        for name, st in stats.items():
+            rate = flops / st["median"]
+            rows.append((f"{size}²", name, fmt_ms(st["median"]), fmt_ms(st["min"]), f"{rate / 1e9:.1f}",
+                         f"{rate / peak['flops_per_s']:.0%}", f"{pack_s / st['median']:.2f}"))
+        results.append({"size": size, "latent": [1, cfg.in_channels, h, w], "image_tokens": n_img,
+                        "caption_tokens": CAPTION_TOKENS, "caption_tokens_padded": n_cap, "flops": flops,
+                        "seconds": stats, "max_abs_diff_to_pack": agree,
+                        "pack_over": {name: pack_s / st["median"] for name, st in stats.items() if name != PACK}})
+
+    print(f"\none DiT forward: dim {cfg.dim}, {cfg.n_heads} heads of {cfg.head_dim}, {cfg.n_layers}+"
+          f"{cfg.n_noise_refiner}+{cfg.n_context_refiner} blocks, {CAPTION_TOKENS} caption tokens, batch 1, fp32, "
+          f"{args.threads} threads, median of {args.runs} after {args.warmup} warm-up (interleaved)")
+    print_table(["size", "implementation", "median ms", "min ms", "GFLOP/s", "of peak", "pack / this"], rows)
+    print("pack / this < 1: the pack is faster. Outputs agree to (max |diff| vs pack): " + "; ".join(
+        f"{r['size']}²: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_to_pack"].items()) for r in results))
+    for r in results:
+        print(f"{r['size']}²: pack/core {r['pack_over'][CORE]:.2f} (core with SDPA {r['pack_over'][CORE_SDPA]:.2f}), "
+              f"pack/diffusers {r['pack_over'][DIFFUSERS]:.2f}")
+
+    profile = None
+    if args.profile:
+        size = args.sizes[-1]
+        x = torch.randn(1, cfg.in_channels, size // 8, size // 8)
+        cap = torch.randn(CAPTION_TOKENS, cfg.cap_feat_dim)
+        with torch.inference_mode():
+            profile = profile_forward(lambda: ours(x, torch.tensor([0.4]), [cap]))
+
+    write_result("cpu_dit", {"config": cfg, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
+                             "dtype": "float32", "comfyui": "0.30.0", "comfyui_cpu_attention": comfy_attention,
+                             "matmul_peak": peak, "results": results, "profile": profile}, "cpu")
 
 
 if __name__ == "__main__":
