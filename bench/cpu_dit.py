@@ -84,7 +84,7 @@ def profile_forward(fn, top: int = 15) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels (square)")
-    parser.add_argument("--runs", type=int, default=5, help="timed calls per model and size (median reported)")
+    parser.add_argument("--runs", type=int, default=7, help="timed calls per model and size (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--profile", action="store_true", help="also profile one pack forward at the last size")

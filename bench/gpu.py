@@ -125,8 +125,9 @@ class CoreJob:
         return (pixels / 2 + 0.5).clamp(0, 1).movedim(1, -1)
 
 
-def run_job(job, batch: int, noise: torch.Tensor, sigmas: torch.Tensor, device) -> dict:
-    """One text encode -> sample -> decode, each stage timed with its peak memory."""
+def run_job(job, batch: int, noise: torch.Tensor, sigmas: torch.Tensor, device) -> tuple[dict, dict]:
+    """One text encode -> sample -> decode, each stage timed with its peak memory. Returns the timings and the
+    stages' outputs."""
     cuda = torch.device(device).type == "cuda"
     out, state = {}, {}
 
@@ -144,11 +145,18 @@ def run_job(job, batch: int, noise: torch.Tensor, sigmas: torch.Tensor, device) 
 
     state["captions"] = stage("text encode", lambda: job.encode(batch))
     state["latent"] = stage("DiT", lambda: sample(job.model(), noise, sigmas, state["captions"], cfg=1.0))
-    stage("VAE decode", lambda: job.decode(state["latent"]))
+    state["image"] = stage("VAE decode", lambda: job.decode(state["latent"]))
     out["end to end"] = {"seconds": sum(out[s]["seconds"] for s in STAGES[:3])}
     if cuda:
         out["end to end"]["peak_bytes"] = max(out[s]["peak_bytes"] for s in STAGES[:3])
-    return out
+    return out, state
+
+
+def max_diff(a: dict, b: dict) -> dict:
+    """Largest |difference| between the two jobs' outputs of each stage (the same job on the same weights)."""
+    return {"captions": max((x.float() - y.float()).abs().max().item() for x, y in zip(a["captions"], b["captions"])),
+            "latent": (a["latent"] - b["latent"]).abs().max().item(),
+            "image": (a["image"] - b["image"]).abs().max().item()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,27 +249,32 @@ def main() -> int:
                      "VAE decode": vae_decode_flops(setup.vae, batch, h, w)}
             flops["end to end"] = sum(flops.values())
             runs = {name: [] for name in jobs}
-            failed = {}
+            failed, warm = {}, {}
             with torch.inference_mode():
                 for name, job in jobs.items():             # warm-up: the same job with one step
                     try:
-                        run_job(job, batch, noise, warm_sigmas, device)
+                        warm[name] = run_job(job, batch, noise, warm_sigmas, device)[1]
                     except torch.cuda.OutOfMemoryError as e:
                         failed[name] = f"out of memory: {str(e).splitlines()[0]}"
                     if cuda:
                         torch.cuda.empty_cache()
+                # one-step outputs of the warm-up, pack vs core; dropped before the timed runs (peak memory)
+                agree = max_diff(warm[PACK], warm[CORE]) if PACK in warm and CORE in warm else None
+                del warm
                 for _ in range(setup.runs):
                     for name, job in jobs.items():
                         if name in failed:
                             continue
                         try:
-                            runs[name].append(run_job(job, batch, noise, sigmas, device))
+                            runs[name].append(run_job(job, batch, noise, sigmas, device)[0])
                         except torch.cuda.OutOfMemoryError as e:
                             failed[name] = f"out of memory: {str(e).splitlines()[0]}"
                         if cuda:
                             torch.cuda.empty_cache()
             entry = {"size": size, "batch": batch, "latent": [batch, setup.dit.in_channels, h, w],
                      "flops": flops, "failed": failed, "stages": {}}
+            if agree is not None:
+                entry["warmup_max_abs_diff"] = agree
             for stage in STAGES:
                 per = {}
                 for name in jobs:
@@ -282,8 +295,14 @@ def main() -> int:
                 entry["stages"][stage] = per
                 rows.append(table_row(size, batch, stage, per, cuda))
             results.append(entry)
+            done = entry["stages"]["end to end"]
+            print(f"{size}² batch {batch}: end to end " + ", ".join(
+                f"{name} {done[name]['median']:.3f} s" for name in jobs if name in done), flush=True)
             if failed:
                 print(f"{size}² batch {batch}: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+            if "warmup_max_abs_diff" in entry:
+                print(f"{size}² batch {batch}: pack vs core outputs (one-step job), max |diff|: "
+                      + ", ".join(f"{k} {v:.2e}" for k, v in entry["warmup_max_abs_diff"].items()))
 
     print(f"\n{setup.steps} steps, cfg 1, {setup.caption_tokens}-token prompts, {str(dtype).replace('torch.', '')}, "
           f"median of {setup.runs}; TFLOP/s and '% pk' against the {peak['dtype']} matmul peak; "
@@ -305,8 +324,8 @@ def table_row(size: int, batch: int, stage: str, per: dict, cuda: bool) -> tuple
     def f(st, key, fmt):
         return fmt.format(st[key]) if st and key in st else "-"
     row = (f"{size}²", batch, stage, f(p, "median", "{:.3f}"), f(c, "median", "{:.3f}"),
-           f(per, "core_over_pack", "{:.2f}"), f(p, "steps_per_s", "{:.2f}"), f(p, "tflops_per_s", "{:.1f}"),
-           f(p, "of_matmul_peak", "{:.0%}"), f(c, "tflops_per_s", "{:.1f}"))
+           f(per, "core_over_pack", "{:.2f}"), f(p, "steps_per_s", "{:.2f}"), f(p, "tflops_per_s", "{:.3g}"),
+           f(p, "of_matmul_peak", "{:.0%}"), f(c, "tflops_per_s", "{:.3g}"))
     if cuda:
         row += (fmt_gib(p["peak_bytes"]) if p else "-", fmt_gib(c["peak_bytes"]) if c else "-")
     return row
