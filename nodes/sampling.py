@@ -1,6 +1,8 @@
 """The turbo sampler node: the engine's Euler flow sampler with ComfyUI's seed noise, progress bar and Stop."""
 from __future__ import annotations
 
+import time
+
 import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
@@ -54,6 +56,7 @@ class ZImageTurboSampler:
         }
 
     def run(self, model, positive, latent_image, seed, steps, cfg, shift, denoise, negative=None):
+        started = time.perf_counter()
         dit = bridge.engine_dit(model)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
@@ -75,4 +78,9 @@ class ZImageTurboSampler:
 
         with torch.no_grad():
             out = sample(dit.raw, noise.to(device), sigmas, pos, neg, cfg, start, on_step)
-        return ({"samples": fmt.process_out(out.to(mm.intermediate_device()))},)
+        samples = fmt.process_out(out.to(mm.intermediate_device()))
+        # what the canvas shows with the result and the save node writes into PNGs: the values actually used
+        info = {"seed": seed, "steps": steps, "cfg": cfg, "shift": shift, "denoise": denoise, "batch": B,
+                "width": latent.shape[-1] * 8, "height": latent.shape[-2] * 8,
+                "seconds": round(time.perf_counter() - started, 3)}
+        return {"ui": {"zimage": [info]}, "result": ({"samples": samples},)}

@@ -57,12 +57,12 @@ if ! step_done comfy-0.3.75; then
   mark comfy-0.3.75
 fi
 
-if ! step_done requirements; then
+if ! step_done requirements-2; then
   # 0.30.0's list is a superset of 0.3.75's; 0.3.75 also imports requests without listing it.
   "$V/pip" install -q -c constraints.txt -r ComfyUI-0.30.0/requirements.txt requests
   # the pack itself, with its test references (diffusers, transformers, pytest)
   "$V/pip" install -q -c constraints.txt -e "$here[test]"
-  mark requirements
+  mark requirements-2
 fi
 
 "$V/python" -c "import torch, torchvision, torchaudio, diffusers, transformers; print('runtime ready:', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
