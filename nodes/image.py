@@ -5,11 +5,13 @@ import comfy.model_management as mm
 import torch
 
 from ..zimage_core.config import FLUX_LATENT
-from . import bridge
+from ..zimage_core.pipeline import MAX_SIDE, check_size
+from . import bridge, guard
 from .loaders import CATEGORY
 
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3), "16:9": (16, 9),
            "9:16": (9, 16), "21:9": (21, 9)}
+CUSTOM = "custom"                   # appended last: saved workflows keep their aspect values
 BASES = [1024, 1280, 1536]
 MULTIPLE = 16
 
@@ -23,7 +25,8 @@ def preset_size(aspect: str, base: int) -> tuple[int, int]:
 
 
 class ZImageTurboSize:
-    DESCRIPTION = "An empty Z-Image latent at a preset size (aspect ratio and base), sides multiples of 16."
+    DESCRIPTION = ("An empty Z-Image latent at a preset size (aspect ratio and base), or at width x height with "
+                   f"aspect 'custom'; sides multiples of 16 up to {MAX_SIDE}.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT", "INT", "INT")
     RETURN_NAMES = ("latent", "width", "height")
@@ -32,14 +35,34 @@ class ZImageTurboSize:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "aspect": (list(ASPECTS), {"default": "1:1", "tooltip": "Width:height of the image."}),
+            "aspect": ([*ASPECTS, CUSTOM], {"default": "1:1", "tooltip": "Width:height of the image; 'custom' uses "
+                                                                         "the width and height inputs."}),
             "base": (BASES, {"default": 1024, "tooltip": "About base x base pixels in total; 1024 is Turbo's "
                                                          "native size, larger costs time and memory."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+        }, "optional": {          # optional, so API prompts written before they existed stay valid
+            "width": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIDE, "step": MULTIPLE,
+                              "tooltip": "Used with aspect 'custom': a multiple of 16."}),
+            "height": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIDE, "step": MULTIPLE,
+                               "tooltip": "Used with aspect 'custom': a multiple of 16."}),
         }}
 
-    def make(self, aspect, base, batch_size):
-        width, height = preset_size(aspect, base)
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        """Checked at /prompt, so a REST client gets HTTP 400 naming the input and the sizes to use instead.
+        Naming width/height here replaces ComfyUI's own min/max check for them, so this covers it."""
+        try:
+            check_size(MULTIPLE if width is None else width, MULTIPLE if height is None else height)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    def make(self, aspect, base, batch_size, width=None, height=None):
+        if aspect == CUSTOM:
+            width, height = width or 1024, height or 1024
+            check_size(width, height)           # also when the values come from a link (not seen at /prompt)
+        else:
+            width, height = preset_size(aspect, base)
         d = FLUX_LATENT.downscale
         samples = torch.zeros(batch_size, FLUX_LATENT.channels, height // d, width // d,
                               device=mm.intermediate_device())
@@ -61,8 +84,16 @@ class ZImageTurboVAEDecode:
         }}
 
     def decode(self, samples, vae):
-        bridge.check_finite(samples["samples"], "latent")
-        images = vae.decode(samples["samples"])
+        latent = samples["samples"]
+        bridge.check_finite(latent, "latent")
+        channels = getattr(vae, "latent_channels", None)
+        if latent.ndim != 4 or (channels is not None and latent.shape[1] != channels):
+            raise ValueError(f"samples has shape {list(latent.shape)}, this VAE decodes (batch, {channels}, height/8, "
+                             f"width/8): connect the Z-Image Turbo Sampler's (or KSampler's) output, not an empty "
+                             f"latent or one from another model")
+        d = FLUX_LATENT.downscale
+        images = guard.run_guarded("decoding with the VAE", guard.vae_remedy(latent.shape[-1] * d, latent.shape[-2] * d,
+                                                                          latent.shape[0]), vae.decode, latent)
         if images.ndim == 5:                                    # some ComfyUI versions keep a frame axis
             images = images.reshape(-1, *images.shape[-3:])
         bridge.check_finite(images, "decoded image")
@@ -86,6 +117,7 @@ class ZImageTurboVAEEncode:
         h, w = (pixels.shape[1] // MULTIPLE) * MULTIPLE, (pixels.shape[2] // MULTIPLE) * MULTIPLE
         if h == 0 or w == 0:
             raise ValueError(f"the image is {pixels.shape[2]}x{pixels.shape[1]}: it must be at least 16x16 pixels")
-        latent = vae.encode(pixels[:, :h, :w, :3])
+        latent = guard.run_guarded("encoding with the VAE", guard.vae_remedy(w, h, pixels.shape[0]),
+                                   vae.encode, pixels[:, :h, :w, :3])
         bridge.check_finite(latent, "encoded latent")
         return ({"samples": latent},)

@@ -1,6 +1,7 @@
 """The turbo sampler node: the engine's Euler flow sampler with ComfyUI's seed noise, progress bar and Stop."""
 from __future__ import annotations
 
+import math
 import time
 
 import comfy.model_management as mm
@@ -8,9 +9,10 @@ import comfy.sample
 import comfy.utils
 import torch
 
-from ..zimage_core.config import SAMPLING
+from ..zimage_core.config import FLUX_LATENT, SAMPLING
+from ..zimage_core.pipeline import check_size
 from ..zimage_core.sampling import sample, sigma_schedule
-from . import bridge
+from . import bridge, guard
 from .loaders import CATEGORY
 
 
@@ -20,6 +22,36 @@ def captions(conditioning, batch: int, what: str) -> list[torch.Tensor]:
                          f"combined; write them as one prompt, or use core KSampler for combined conditionings")
     cond = conditioning[0][0]                                   # (1, L, D)
     return [cond[0]] * batch
+
+
+def check_numbers(**values: float) -> None:
+    """ComfyUI's min/max checks let NaN and inf through (every comparison with NaN is false); they would only
+    come out at the end as a black image."""
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise ValueError(f"{name} is {v}: send a finite number (Turbo's default is {getattr(SAMPLING, name)})")
+
+
+def check_latent(samples: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, width, height) in pixels of a Z-Image latent, or a clear error. Core Empty Latent Image allows
+    multiples of 8 and sizes far above what fits, so the size is checked here, before anything is allocated."""
+    if samples.ndim != 4:
+        raise ValueError(f"latent_image has shape {list(samples.shape)}: the turbo sampler takes an image latent "
+                         f"(batch, channels, height/8, width/8); connect Empty Latent Image, Z-Image Turbo Size or "
+                         f"Z-Image Turbo VAE Encode")
+    B, C, h, w = samples.shape
+    if B == 0:
+        raise ValueError("latent_image holds 0 images: set batch_size to 1 or more")
+    if C != FLUX_LATENT.channels:
+        raise ValueError(f"latent_image has {C} channels, Z-Image's (Flux VAE) latent has {FLUX_LATENT.channels}: "
+                         f"encode images with the Z-Image VAE, or start from an empty latent")
+    d = FLUX_LATENT.downscale
+    try:
+        check_size(w * d, h * d)
+    except ValueError as e:
+        raise ValueError(f"latent_image is {w * d}x{h * d} pixels: {e} (set it in Empty Latent Image, or use "
+                         f"Z-Image Turbo Size)") from None
+    return B, w * d, h * d
 
 
 class ZImageTurboSampler:
@@ -58,14 +90,15 @@ class ZImageTurboSampler:
     def run(self, model, positive, latent_image, seed, steps, cfg, shift, denoise, negative=None):
         started = time.perf_counter()
         dit = bridge.engine_dit(model)
+        check_numbers(cfg=cfg, shift=shift, denoise=denoise)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        B, width, height = check_latent(latent)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         if cfg != 1.0 and negative is None:
             raise ValueError("cfg above 1 needs a negative conditioning: connect one, or set cfg to 1")
         mm.load_models_gpu([model])
         device = model.load_device
         fmt = model.model.latent_format
-        B = latent.shape[0]
         pos = [c.to(device) for c in captions(positive, B, "positive")]
         neg = None if cfg == 1.0 else [c.to(device) for c in captions(negative, B, "negative")]
         start = fmt.process_in(latent).to(device) if denoise < 1.0 else None
@@ -77,10 +110,11 @@ class ZImageTurboSampler:
             mm.throw_exception_if_processing_interrupted()      # the Stop button, checked after every step
 
         with torch.no_grad():
-            out = sample(dit.raw, noise.to(device), sigmas, pos, neg, cfg, start, on_step)
+            out = guard.run_guarded("sampling", guard.sampler_remedy(width, height, B),
+                                    sample, dit.raw, noise.to(device), sigmas, pos, neg, cfg, start, on_step)
         samples = fmt.process_out(out.to(mm.intermediate_device()))
         # what the canvas shows with the result and the save node writes into PNGs: the values actually used
         info = {"seed": seed, "steps": steps, "cfg": cfg, "shift": shift, "denoise": denoise, "batch": B,
-                "width": latent.shape[-1] * 8, "height": latent.shape[-2] * 8,
+                "width": width, "height": height,
                 "seconds": round(time.perf_counter() - started, 3)}
         return {"ui": {"zimage": [info]}, "result": ({"samples": samples},)}
