@@ -3,6 +3,7 @@
 from .image import ZImageTurboSize, ZImageTurboVAEDecode, ZImageTurboVAEEncode
 from .loaders import ZImageTurboCheckpointLoader, ZImageTurboDiffusersLoader, ZImageTurboLoader
 from .sampling import ZImageTurboSampler
+from .save import ZImageTurboSaveImage
 
 NODE_CLASS_MAPPINGS = {
     "ZImageTurboLoader": ZImageTurboLoader,
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTurboSize": ZImageTurboSize,
     "ZImageTurboDiffusersLoader": ZImageTurboDiffusersLoader,
     "ZImageTurboVAEEncode": ZImageTurboVAEEncode,
+    "ZImageTurboSaveImage": ZImageTurboSaveImage,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboLoader": "Z-Image Turbo Loader",
@@ -21,4 +23,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboSize": "Z-Image Turbo Size",
     "ZImageTurboDiffusersLoader": "Z-Image Turbo Diffusers Loader",
     "ZImageTurboVAEEncode": "Z-Image Turbo VAE Encode",
+    "ZImageTurboSaveImage": "Z-Image Turbo Save Image",
 }

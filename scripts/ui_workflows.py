@@ -1,6 +1,6 @@
 """API-format workflows <-> the canvas (LiteGraph) format that ComfyUI's template browser loads.
 
-    python scripts/ui_workflows.py OBJECT_INFO_JSON   # writes workflows/NAME.json from workflows/NAME_api.json
+    python scripts/ui_workflows.py OBJECT_INFO_JSON [NAME...]   # writes workflows/NAME.json from NAME_api.json
 
 Both live in workflows/, which ComfyUI serves to its template browser (one folder, so every listed file loads).
 
@@ -32,6 +32,19 @@ def has_control(name: str, spec) -> bool:
     return bool(options.get("control_after_generate")) or (name in ("seed", "noise_seed") and spec[0] == "INT")
 
 
+def node_size(info: dict, n_inputs: int, n_outputs: int) -> list[int]:
+    """Room for the node's slots and widgets (LiteGraph keeps a saved size even when it is too small), and for
+    the image an output node shows after a run."""
+    height = 16 + 20 * max(n_inputs, n_outputs, 1)
+    for name, spec in node_inputs(info):
+        if is_widget(spec):
+            multiline = len(spec) > 1 and spec[1].get("multiline")
+            height += 110 if multiline else 24 * (2 if has_control(name, spec) else 1)
+    if info.get("output_node"):
+        return [420, height + 380]
+    return [400, height]
+
+
 def to_ui(api: dict, object_info: dict) -> dict:
     order = sorted(api, key=int)
     nodes, links, slot_links = [], [], {}
@@ -57,8 +70,9 @@ def to_ui(api: dict, object_info: dict) -> dict:
                 inputs.append({"name": name, "type": spec[0], "link": link[0]})
         outputs = [{"name": out_name, "type": kind, "links": slot_links.get((nid, s), []), "slot_index": s}
                    for s, (kind, out_name) in enumerate(zip(info["output"], info["output_name"]))]
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [60 + 360 * (i % 4), 80 + 320 * (i // 4)],
-                      "size": [320, 130], "flags": {}, "order": i, "mode": 0, "inputs": inputs, "outputs": outputs,
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [60 + 460 * (i % 4), 80 + 360 * (i // 4)],
+                      "size": node_size(info, len(inputs), len(outputs)), "flags": {}, "order": i, "mode": 0,
+                      "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     for link in links:                                          # LiteGraph links name the target slot index
         target = next(n for n in nodes if n["id"] == link[3])
@@ -88,10 +102,13 @@ def to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
-def main(object_info_path: str) -> None:
+def main(object_info_path: str, *names: str) -> None:
+    """Convert every workflows/*_api.json, or only those named (e.g. ecommerce_turbo)."""
     object_info = json.loads(Path(object_info_path).read_text())
     out = REPO / "workflows"
     for path in sorted((REPO / "workflows").glob("*_api.json")):
+        if names and path.name.removesuffix("_api.json") not in names:
+            continue
         api = json.loads(path.read_text(encoding="utf-8"))
         target = out / path.name.replace("_api.json", ".json")
         target.write_text(json.dumps(to_ui(api, object_info), ensure_ascii=False, indent=1), encoding="utf-8")
@@ -99,4 +116,4 @@ def main(object_info_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -1,0 +1,144 @@
+"""Z-Image Turbo Save Image in a real ComfyUI (0.30.0 and 0.3.75): the PNG keeps ComfyUI's own `prompt` and
+`workflow` chunks and gains an A1111 `parameters` chunk whose values come from the graph that made it."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import uuid
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, comfyui_tree
+
+sys.path.insert(0, str(REPO / "scripts"))
+from comfy_server import ComfyServer, execution_error, load_workflow, write_tiny_models  # noqa: E402
+
+# A1111's own parser for the last line (modules/infotext_utils.py re_param): key, then a quoted or plain value.
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+@pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
+def server(request, tmp_path_factory):
+    comfyui_tree(request.param)
+    base = tmp_path_factory.mktemp(f"meta-{request.param}")
+    write_tiny_models(base / "models")
+    with ComfyServer(request.param, base) as srv:
+        yield srv
+
+
+def parse_parameters(text: str) -> tuple[str, str | None, dict]:
+    """(prompt, negative, {key: value}) the way A1111's PNG Info reads a `parameters` text."""
+    *lines, last = text.split("\n")
+    params = {k: (json.loads(v) if v.startswith('"') else v) for k, v in RE_PARAM.findall(last)}
+    negative = None
+    for i, line in enumerate(lines):
+        if line.startswith("Negative prompt:"):
+            negative = "\n".join(lines[i:])[len("Negative prompt:"):].strip()
+            lines = lines[:i]
+            break
+    return "\n".join(lines), negative, params
+
+
+def turbo_job(prompt="a white ceramic mug, studio light", negative="blurry, text", seed=424242, steps=3,
+              width=96, height=64, prefix="meta") -> dict:
+    wf = load_workflow("ecommerce_turbo_api.json")
+    assert wf["11"]["class_type"] == "ZImageTurboSaveImage", "the bundled workflow should use the pack's save node"
+    wf["6"]["inputs"]["text"], wf["7"]["inputs"]["text"] = prompt, negative
+    wf["5"]["inputs"].update(width=width, height=height, batch_size=1)
+    wf["10"]["inputs"].update(seed=seed, steps=steps)
+    wf["11"]["inputs"]["filename_prefix"] = prefix
+    return wf
+
+
+def run_with_workflow_chunk(server: ComfyServer, wf: dict, canvas: dict) -> dict:
+    """Post as the frontend does: the API prompt plus the canvas workflow in extra_pnginfo."""
+    status, body = server.post("/prompt", {"prompt": wf, "client_id": str(uuid.uuid4()),
+                                           "extra_data": {"extra_pnginfo": {"workflow": canvas}}})
+    assert status == 200, body
+    entry = server.wait(body["prompt_id"], timeout=300)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    return entry
+
+
+def png_text(server: ComfyServer, entry: dict) -> tuple[Image.Image, dict]:
+    files = server.output_files(entry)
+    assert len(files) == 1, files
+    image = Image.open(files[0])
+    return image, dict(image.text)
+
+
+def test_save_node_is_listed_with_tooltips_and_a_description(server):
+    node = server.object_info()["ZImageTurboSaveImage"]
+    assert node["display_name"] == "Z-Image Turbo Save Image" and node["category"] == "Z-Image Turbo"
+    assert node["output_node"] is True and "parameters" in node["description"]
+    assert all(spec[1].get("tooltip") for spec in node["input"]["required"].values())
+    assert set(node["input"]["hidden"]) == {"prompt", "extra_pnginfo", "unique_id"}
+
+
+def test_parameters_chunk_holds_the_exact_values_and_comfyui_chunks_stay(server):
+    wf = turbo_job(prompt="a white ceramic mug, studio light\nsecond line: 50% off", negative="blurry, text")
+    canvas = {"nodes": [], "links": [], "marker": "canvas-workflow-kept"}
+    entry = run_with_workflow_chunk(server, wf, canvas)
+    image, text = png_text(server, entry)
+    assert image.size == (96, 64)
+
+    prompt, negative, params = parse_parameters(text["parameters"])
+    assert prompt == "a white ceramic mug, studio light\nsecond line: 50% off"
+    assert negative == "blurry, text"
+    assert params["Steps"] == "3" and params["Seed"] == "424242" and params["Size"] == "96x64"
+    assert params["Sampler"] == "Euler (Z-Image Turbo)" and params["CFG scale"] == "1"
+    assert params["Model"] == "z-image-turbo" and params["Shift"] == "3" and params["Denoise"] == "1"
+    assert text["parameters"].endswith(
+        "Steps: 3, Sampler: Euler (Z-Image Turbo), CFG scale: 1, Seed: 424242, Size: 96x64, Model: z-image-turbo, "
+        "Shift: 3, Denoise: 1, Version: ComfyUI")
+
+    assert json.loads(text["prompt"]) == wf, "ComfyUI's API prompt chunk must be the prompt that ran"
+    assert json.loads(text["workflow"])["marker"] == "canvas-workflow-kept"
+
+    ui = entry["outputs"]["11"]["zimage"][0]
+    assert (ui["seed"], ui["steps"], ui["width"], ui["height"]) == (424242, 3, 96, 64)
+    assert ui["parameters"] == text["parameters"]
+
+
+def test_core_ksampler_and_split_loader(server):
+    """Core KSampler behind ModelSamplingAuraFlow, the split-file loader: sampler/schedule, shift and the
+    diffusion model's and VAE's file names come from those nodes."""
+    names = server.object_info()["ZImageTurboLoader"]["input"]["required"]
+    unet, clip, vae = names["unet_name"][0][0], names["clip_name"][0][0], names["vae_name"][0][0]
+    wf = turbo_job(seed=7, width=64, height=64)
+    wf["3"] = {"class_type": "ZImageTurboLoader",
+               "inputs": {"unet_name": unet, "clip_name": clip, "vae_name": vae, "weight_dtype": "auto"}}
+    wf["20"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["3", 0], "shift": 2.5}}
+    wf["10"] = {"class_type": "KSampler", "inputs": {
+        "model": ["20", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": 99,
+        "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    _, text = png_text(server, server.run(wf))
+    _, negative, params = parse_parameters(text["parameters"])
+    assert negative == "blurry, text"
+    assert (params["Sampler"], params["Schedule type"], params["Seed"], params["Steps"]) == ("euler", "simple", "99", "2")
+    assert params["Shift"] == "2.5" and params["Size"] == "64x64"
+    assert params["Model"] == unet.rsplit(".", 1)[0] and params["VAE"] == vae
+
+
+def test_size_preset_node_gives_the_size(server):
+    wf = turbo_job(seed=5, steps=1)
+    wf["5"] = {"class_type": "ZImageTurboSize", "inputs": {"aspect": "16:9", "base": 1024, "batch_size": 1}}
+    image, text = png_text(server, server.run(wf))
+    assert image.size == (1360, 768)
+    assert parse_parameters(text["parameters"])[2]["Size"] == "1360x768"
+
+
+def test_a_graph_without_a_sampler_still_saves(server):
+    """Nothing to report but the size: the PNG is written, with no invented fields."""
+    wf = {"1": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 32, "batch_size": 2, "color": 0}},
+          "2": {"class_type": "ZImageTurboSaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "nosampler"}}}
+    entry = server.run(wf)
+    files = server.output_files(entry)
+    assert len(files) == 2 and all(f.name.startswith("nosampler") for f in files)
+    text = Image.open(files[0]).text
+    prompt, negative, params = parse_parameters(text["parameters"])
+    assert prompt == "" and negative is None
+    assert params == {"Size": "48x32", "Version": "ComfyUI"}
+    assert "prompt" in text
