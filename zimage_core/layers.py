@@ -1,21 +1,33 @@
 """Building blocks shared by the DiT and the text encoder: RMSNorm, SwiGLU, attention."""
 from __future__ import annotations
 
+import importlib.util
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learned weight. Statistics in fp32 whatever the activation dtype, so bf16 and fp16
-    runs normalise exactly as fp32 does (the official code uses the activation dtype; diffusers fp32)."""
+    runs normalise exactly as fp32 does (the official code uses the activation dtype; diffusers fp32).
+
+    `fused` (a fast-path option) uses torch's rms_norm kernel: the same fp32 arithmetic in one pass instead
+    of five elementwise ones over the activations."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            # The same fp32 arithmetic as below in torch's one-pass kernel. Handing it fp32 tensors matters:
+            # with a bf16 input it falls back to unfused ops that measured slower than these.
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -34,15 +46,73 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def forward_fp16(self, x: Tensor) -> Tensor:
+        """fp16 matmuls, fp32 in between and out: the gated product is where fp16 overflows first."""
+        return fp16_linear(self.w2, F.silu(fp16_linear(self.w1, x)) * fp16_linear(self.w3, x))
 
-def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+
+# ---- fp16 without overflow ----------------------------------------------------------------------------
+
+FP16_INPUT_BOUND = 1.0      # inputs scaled to |x| <= 1: a Linear's outputs then stay within its rows' L1 norm
+
+
+def fp16_linear(linear: nn.Module, x: Tensor) -> Tensor:
+    """A bias-free linear(x) computed in fp16 without overflow, returned in fp32.
+
+    The input is divided by a power of two s (exact in binary floating point) so that |x / s| <= 1, the fp16
+    matmul runs on that, and its output is multiplied back by s in fp32. The map being linear, this is
+    linear(x) up to fp16 rounding, and never inf. The module itself is called, so ComfyUI's Linears still
+    cast or stream their weights. s stays a tensor: no device sync."""
+    if getattr(linear, "bias", None) is not None:
+        raise ValueError("fp16_linear serves bias-free Linears (the DiT blocks' attention and FFN)")
+    xf = x.float()
+    s = torch.exp2(torch.ceil(torch.log2(xf.abs().amax().clamp_min(FP16_INPUT_BOUND) / FP16_INPUT_BOUND)))
+    return linear((xf / s).half()).float() * s
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+
+ATTENTION_CHOICES = ("default", "auto")
+_HAS_FA3 = importlib.util.find_spec("flash_attn_interface") is not None
+
+
+def sdpa_priority(device: torch.device) -> list[SDPBackend] | None:
+    """The SDPA kernels to try first on a device, best first, or None for torch's own order.
+
+    Hopper: cuDNN's fused attention, then flash (FA2). Other GPUs: flash first. A kernel that cannot take the
+    inputs (a key mask, an odd dtype) is skipped by torch for the next one, down to the math kernel.
+    On CPU torch's own choice (its flash kernel for CPU) is already the best it has."""
+    if device.type != "cuda":
+        return None
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if torch.cuda.get_device_capability(device) >= (9, 0):
+        order.insert(0, SDPBackend.CUDNN_ATTENTION)
+    return order
+
+
+def use_flash3(q: Tensor, key_mask: Tensor | None) -> bool:
+    """FlashAttention-3 (the `flash_attn_interface` package) where it is installed and fits: Hopper, half
+    precision, no key mask."""
+    return (_HAS_FA3 and key_mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(q.device) >= (9, 0))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, backend: str = "default") -> Tensor:
     """Non-causal scaled-dot-product attention.
 
     q, k, v: (B, L, H, D); key_mask: (B, L) bool, True where a key may be attended (None: all).
+    backend: 'default' (torch's choice of SDPA kernel) or 'auto' (sdpa_priority, FA3 when installed).
     Returns (B, L, H*D).
     """
+    B, L, H, D = q.shape
+    if backend == "auto" and use_flash3(q, key_mask):
+        import flash_attn_interface
+        out = flash_attn_interface.flash_attn_func(q, k, v)          # takes and returns (B, L, H, D)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(B, L, H * D)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # (B, H, L, D)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    B, H, L, D = out.shape
+    order = sdpa_priority(q.device) if backend == "auto" else None
+    with sdpa_kernel(order, set_priority=True) if order else nullcontext():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, L, H * D)

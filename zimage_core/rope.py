@@ -5,6 +5,8 @@ caption length; image pad tokens -> (0, 0, 0). Pairs are interleaved (x[2k], x[2
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,32 @@ def rope_angles(pos: Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[
         parts.append(pos[..., axis, None].to(torch.float64) * freqs)
     angles = torch.cat(parts, dim=-1)
     return angles.cos().float(), angles.sin().float()
+
+
+@dataclass
+class RopeTable:
+    """The rotation of every token: cos and sin (B, L, head_dim / 2) in fp32, and the same rotation as one
+    complex number per pair (made on first use, then kept: a table serves every block of every step)."""
+    cos: Tensor
+    sin: Tensor
+    _cis: Tensor | None = None
+
+    @classmethod
+    def from_positions(cls, pos: Tensor, axes_dims: tuple[int, ...], theta: float) -> "RopeTable":
+        return cls(*rope_angles(pos, axes_dims, theta))
+
+    @property
+    def cis(self) -> Tensor:
+        if self._cis is None:
+            self._cis = torch.complex(self.cos, self.sin)
+        return self._cis
+
+    def cat(self, other: "RopeTable") -> "RopeTable":
+        """The table of the two token runs one after the other (the joint sequence)."""
+        return RopeTable(torch.cat([self.cos, other.cos], 1), torch.cat([self.sin, other.sin], 1))
+
+    def rotate(self, x: Tensor, use_complex: bool = False) -> Tensor:
+        return apply_rope_complex(x, self.cis) if use_complex else apply_rope(x, self.cos, self.sin)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -48,3 +76,10 @@ def image_positions(h: int, w: int, padded_len: int, frame: int, device: torch.d
     pos[: h * w, 1] = hh.flatten()
     pos[: h * w, 2] = ww.flatten()
     return pos
+
+
+def apply_rope_complex(x: Tensor, cis: Tensor) -> Tensor:
+    """apply_rope as one complex multiply per pair: (e + i o)(cos + i sin) is the same two products and sums,
+    so the result is bit-identical, with fewer passes over memory. cis: (B, L, D/2) complex64."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))       # (B, L, H, D/2)
+    return torch.view_as_real(xc * cis[:, :, None]).flatten(-2).to(x.dtype)

@@ -1,0 +1,59 @@
+"""The DiT's fast path: options over the plain path, each tested equal to it (tests/test_fastpath.py).
+
+    fused_norm     torch's rms_norm kernel for every RMSNorm (same fp32 arithmetic, one pass)
+    complex_rope   the RoPE rotation as a complex multiply (bit-identical, fewer passes)
+    attention      'auto': the best SDPA kernel per device (cuDNN then flash on Hopper, FA3 when installed);
+                   'default': torch's own choice
+    compile        torch.compile each transformer block; the blocks share one graph, and t being a tensor
+                   input, the steps of a run never recompile
+
+Reusing the prompt part across steps (context refiner, RoPE tables, masks) is ZImageDiT.reuse_context();
+cfg 1 runs one pass and cfg > 1 one batched pass (sampling.predict); fp8 matmul is quant.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .layers import ATTENTION_CHOICES, RMSNorm
+
+
+@dataclass(frozen=True)
+class FastPath:
+    fused_norm: bool = True
+    complex_rope: bool = True
+    attention: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got '{self.attention}'")
+
+
+PLAIN = FastPath(fused_norm=False, complex_rope=False, attention="default", compile=False)
+FAST = FastPath()
+
+
+def configure(model: nn.Module, fast: FastPath = FAST) -> nn.Module:
+    """Switch a DiT (or any module holding our RMSNorm / Attention) to `fast`'s options, in place."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.fused = fast.fused_norm
+        if hasattr(module, "complex_rope") and hasattr(module, "backend"):
+            module.complex_rope = fast.complex_rope
+            module.backend = fast.attention
+    if fast.compile:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: nn.Module, **options) -> nn.Module:
+    """torch.compile every transformer block in place (nn.Module.compile keeps the state-dict keys).
+
+    Whole-model compile would recompile whenever a caption length changes; per block the graph depends only
+    on the token count, and dynamo treats parameters as inputs, so one graph serves all same-shaped blocks."""
+    for name in ("noise_refiner", "context_refiner", "layers"):
+        for block in getattr(model, name, ()):
+            block.compile(dynamic=False, **options)
+    return model
