@@ -96,11 +96,22 @@ def test_precision_policy():
     assert (cpu.dit, cpu.text_encoder, cpu.vae) == (torch.float32,) * 3
     half = choose_dtypes("cpu", "fp16")
     assert half.dit == torch.float16 and half.vae == torch.float32      # the VAE is never fp16
+    assert half.text_encoder == torch.float32                          # only the DiT has the fp16 guard
     assert choose_dtypes("cpu", "bf16").vae == torch.bfloat16
     fp8 = choose_dtypes("cpu", "fp8_e4m3fn")
     assert fp8.dit_fp8 and fp8.dit == torch.float32 and fp8.text_encoder == torch.float32
     with pytest.raises(ValueError, match="weight dtype must be"):
         choose_dtypes("cpu", "int4")
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, (torch.bfloat16,) * 3),
+                                           (False, (torch.float16, torch.float32, torch.float32))])
+def test_precision_policy_on_gpus(monkeypatch, bf16, expected):
+    """GPUs without bf16 (Turing, Volta) get the fp16-guarded DiT, not fp32's double memory."""
+    from zimage_core import precision
+    monkeypatch.setattr(precision, "has_bf16", lambda device: bf16)
+    d = precision.choose_dtypes("cuda")
+    assert (d.dit, d.text_encoder, d.vae) == expected
 
 
 def test_diffusers_folder_and_split_files_give_identical_outputs(ours, tmp_path):

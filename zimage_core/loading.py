@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .config import DiTConfig
 from .dit import ZImageDiT
 from .errors import CheckpointMismatch, UnknownCheckpoint, first
+from .fastpath import FAST, FastPath, configure
 from .text_encoder import Qwen3Config, Qwen3Encoder
 from .vae import AutoEncoder, VAEConfig, diffusers_to_ldm, is_diffusers_layout
 
@@ -185,9 +186,11 @@ def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
 
 
 def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu",
-             model_cls: type[ZImageDiT] = ZImageDiT) -> tuple[ZImageDiT, LoadReport]:
-    """model_cls: ZImageDiT or a subclass with the same parameters (the ComfyUI adapter)."""
-    return _load(prepare_dit(source, model_cls), dtype, device)
+             model_cls: type[ZImageDiT] = ZImageDiT, fast: FastPath = FAST) -> tuple[ZImageDiT, LoadReport]:
+    """model_cls: ZImageDiT or a subclass with the same parameters (the ComfyUI adapter). fast: the fast-path
+    options it runs with (fastpath.PLAIN for the reference path)."""
+    model, report = _load(prepare_dit(source, model_cls), dtype, device)
+    return configure(model, fast), report
 
 
 def prepare_dit(source: Source, model_cls: type[ZImageDiT] = ZImageDiT

@@ -1,7 +1,9 @@
 """The precision policy, in one place: which dtype each part runs in on a given device.
 
-bf16 where the GPU has it (the DiT's activations overflow fp16: black images), fp32 on CPU and on GPUs
-without bf16 (an fp16 DiT path needs overflow guards first). The VAE is never fp16.
+bf16 where the GPU has it. GPUs without bf16 run the DiT in fp16: its blocks then keep the residual stream
+in fp32 and scale every matmul input by a power of two (dit.TransformerBlock.forward_fp16), which is what
+keeps fp16 from overflowing into black images; the text encoder stays fp32 there. fp32 on CPU. The VAE is
+never fp16.
 """
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ def choose_dtypes(device: str | torch.device = "cpu", requested: str = "auto") -
         auto = choose_dtypes(device, "auto")
         return PartDtypes(auto.dit, auto.text_encoder, auto.vae, dit_fp8=True)
     if requested == "auto":
-        main = torch.bfloat16 if has_bf16(device) else torch.float32
+        main = torch.bfloat16 if has_bf16(device) else torch.float16 if device.type == "cuda" else torch.float32
     elif requested in NAMED:
         main = NAMED[requested]
     else:
         raise ValueError(f"weight dtype must be 'auto', '{FP8_NAME}' or one of {', '.join(NAMED)}, "
                          f"got '{requested}'")
-    vae = torch.bfloat16 if main == torch.bfloat16 else torch.float32
-    return PartDtypes(dit=main, text_encoder=main, vae=vae)
+    # fp16: only the DiT has the overflow guard; the text encoder and the VAE run fp32
+    wide = torch.bfloat16 if main == torch.bfloat16 else torch.float32
+    return PartDtypes(dit=main, text_encoder=main if main != torch.float16 else wide, vae=wide)

@@ -33,3 +33,65 @@ def store_blocks_in_fp8(model: nn.Module) -> list[nn.Linear]:
                 module.__class__ = CastLinear
             done.append(module)
     return done
+
+
+# ---- fp8 matmul (weights and activations in fp8) --------------------------------------------------------
+
+FP8_MAX = torch.finfo(FP8).max          # 448
+
+
+def scaled_mm_support(device: torch.device) -> str | None:
+    """How torch._scaled_mm can scale on a device: 'rowwise' (per token and per output channel: CUDA Ada and
+    Hopper), 'tensor' (one scale each: the CPU build), or None (older GPUs: weight-only fp8 there)."""
+    if device.type == "cuda":
+        return "rowwise" if torch.cuda.get_device_capability(device) >= (8, 9) else None
+    return "tensor" if device.type == "cpu" else None
+
+
+def quantize(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
+    """fp8 values and their fp32 scale(s), x ~= q * scale: one scale per row, or one for the whole tensor."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
+    scale = amax.clamp_min(1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class ScaledFP8Linear(nn.Module):
+    """A bias-free Linear computed as an fp8 x fp8 matmul (torch._scaled_mm) with fp32 scales, output in the
+    input's dtype. The weight is quantised once (per output channel where the device scales rowwise);
+    activations per call (per token, or per tensor on CPU)."""
+
+    def __init__(self, linear: nn.Linear, mode: str):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("ScaledFP8Linear serves the bias-free block Linears")
+        self.in_features, self.out_features, self.mode = linear.in_features, linear.out_features, mode
+        weight = linear.weight.detach()
+        q, scale = quantize(weight.float() if weight.dtype == FP8 else weight, rowwise=mode == "rowwise")
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("weight_scale", scale.reshape(1, -1) if mode == "rowwise" else scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        q, scale = quantize(rows, rowwise=self.mode == "rowwise")
+        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def use_fp8_matmul(model: nn.Module) -> list[str]:
+    """Turn the block attention and FFN Linears into ScaledFP8Linears where the device can, else store them in
+    fp8 weight-only (store_blocks_in_fp8). Embedders, norms, adaLN and the final layer keep their dtype.
+    Returns the names converted to fp8 matmul (empty when it fell back)."""
+    device = next(model.parameters()).device
+    mode = scaled_mm_support(device)
+    if mode is None:
+        store_blocks_in_fp8(model)
+        return []
+    done = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and full.startswith(BLOCKS) and full.endswith(QUANTISED):
+                setattr(module, child_name, ScaledFP8Linear(child, mode))
+                done.append(full)
+    return done

@@ -5,6 +5,7 @@ Flow matching: x_sigma = (1 - sigma) * clean + sigma * noise. The DiT's raw outp
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Protocol
 
 import torch
@@ -68,14 +69,23 @@ def sample(model: DenoiseModel, noise: Tensor, sigmas: Tensor, positive: list[Te
     if latent is not None:
         x = x + (1 - sigmas[0]) * latent.float()
     total = len(sigmas) - 1
-    for i in range(total):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        u = predict(model, x, sigma, positive, negative, cfg)
-        denoised = x + sigma * u
-        x = x + (sigma_next - sigma) * -u
-        if callback is not None:
-            callback(i + 1, total, x, denoised)
+    with reused_prompt_context(model):
+        for i in range(total):
+            sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+            u = predict(model, x, sigma, positive, negative, cfg)
+            denoised = x + sigma * u
+            x = x + (sigma_next - sigma) * -u
+            if callback is not None:
+                callback(i + 1, total, x, denoised)
     return x
+
+
+def reused_prompt_context(model: DenoiseModel):
+    """The DiT's reuse_context() for the run (the prompt part once, not once per step), when the model, or the
+    object a bound method such as the ComfyUI adapter's `raw` belongs to, has one."""
+    owner = getattr(model, "__self__", model)
+    reuse = getattr(owner, "reuse_context", None)
+    return reuse() if callable(reuse) else nullcontext()
 
 
 def predict(model: DenoiseModel, x: Tensor, sigma: float, positive: list[Tensor],

@@ -1,0 +1,260 @@
+"""Every fast-path option against the plain path on the same weights, with the tolerance in the test."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize, rel_err
+from zimage_core import layers, quant
+from zimage_core.config import TINY, TINY_DEEP
+from zimage_core.dit import TransformerBlock, ZImageDiT
+from zimage_core.fastpath import FAST, PLAIN, FastPath, compile_blocks, configure
+from zimage_core.sampling import sample, sigma_schedule
+
+EXACT_FP32 = 1e-6         # fast options reorder no arithmetic: in fp32 they agree to rounding (measured 0)
+BF16 = 1e-2               # bf16 runs: two roundings of ~4e-3 apart at most (measured 0)
+FP8 = 0.1                 # e4m3 has 3 mantissa bits: one fp8 product of random data
+
+
+def tiny_dit(cfg=TINY, seed=0, dtype=torch.float32) -> ZImageDiT:
+    return randomize(ZImageDiT(cfg), seed=seed).eval().to(dtype)
+
+
+def inputs(cfg=TINY, cap_lens=(7, 40), h=8, w=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(cap_lens), cfg.in_channels, h, w, generator=g)
+    t = torch.rand(len(cap_lens), generator=g)
+    caps = [torch.randn(n, cfg.cap_feat_dim, generator=g) for n in cap_lens]
+    return x, t, caps
+
+
+OPTIONS = {name: dataclasses.replace(PLAIN, **{field: value})
+           for name, field, value in [("fused_norm", "fused_norm", True), ("complex_rope", "complex_rope", True),
+                                      ("attention_auto", "attention", "auto")]}
+OPTIONS["all"] = FAST
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, EXACT_FP32), (torch.bfloat16, BF16)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_option_equals_plain(option, dtype, tol):
+    model = tiny_dit(TINY_DEEP, dtype=dtype)
+    x, t, caps = inputs(TINY_DEEP, cap_lens=(5, 33, 64))            # mixed lengths: the masked path too
+    with torch.no_grad():
+        plain = configure(model, PLAIN)(x, t, caps)
+        fast = configure(model, OPTIONS[option])(x, t, caps)
+    abs_err, rel = rel_err(fast, plain)
+    print(f"{option} {dtype}: max abs {abs_err:.2e}, rel {rel:.2e}")
+    assert torch.isfinite(fast).all()
+    assert rel <= tol
+
+
+def test_configure_sets_every_module():
+    model = configure(tiny_dit(), FAST)
+    norms = [m for m in model.modules() if isinstance(m, layers.RMSNorm)]
+    attns = [m for m in model.modules() if hasattr(m, "complex_rope")]
+    assert norms and all(m.fused for m in norms)
+    assert len(attns) == TINY.n_layers + TINY.n_noise_refiner + TINY.n_context_refiner
+    assert all(a.complex_rope and a.backend == "auto" for a in attns)
+    configure(model, PLAIN)
+    assert not any(m.fused for m in norms) and not any(a.complex_rope for a in attns)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FastPath(attention="flash4")
+
+
+def test_rope_complex_is_bit_identical():
+    from zimage_core.rope import RopeTable, image_positions
+    pos = image_positions(6, 5, 32, 9)[None].expand(2, -1, -1)
+    table = RopeTable.from_positions(pos, TINY.axes_dims, TINY.rope_theta)
+    x = torch.randn(2, 32, 4, TINY.head_dim)
+    assert torch.equal(table.rotate(x, use_complex=True), table.rotate(x, use_complex=False))
+
+
+# ---- the prompt part made once per run ----------------------------------------------------------------
+
+def counting_contexts(model: ZImageDiT) -> list:
+    made = []
+    original = model.make_context
+
+    def make(captions, size):
+        made.append(size)
+        return original(captions, size)
+    model.make_context = make
+    return made
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_context_reuse_is_exact_and_made_once(cfg_scale):
+    model = configure(tiny_dit(), FAST)
+    x, _, caps = inputs(cap_lens=(7, 40))
+    neg = [torch.randn(3, TINY.cap_feat_dim), torch.randn(12, TINY.cap_feat_dim)]
+    negative = neg if cfg_scale != 1.0 else None
+    sigmas = sigma_schedule(8)
+    made = counting_contexts(model)
+    with torch.no_grad():
+        plain = sample(lambda *a: model(*a), x, sigmas, caps, negative, cfg_scale)    # a plain callable
+        assert len(made) == 8                                       # one per step without reuse
+        made.clear()
+        reused = sample(model, x, sigmas, caps, negative, cfg_scale)                  # sample() reuses
+    assert len(made) == 1                                           # cond (+ uncond) batched: one context
+    assert torch.equal(reused, plain)
+    assert model._contexts is None                                  # nothing kept after the run
+
+
+def test_context_is_not_reused_for_other_captions_or_sizes_or_after_in_place_change():
+    model = tiny_dit()
+    x, t, caps = inputs(cap_lens=(7,))
+    made = counting_contexts(model)
+    with torch.no_grad(), model.reuse_context():
+        a = model(x, t, caps)
+        model(x, t, caps)
+        assert len(made) == 1
+        other = [caps[0].clone()]                                   # equal values, another tensor: new context
+        model(x, t, other)
+        model(torch.randn(1, 16, 10, 6), t, caps)                   # another size
+        assert len(made) == 3
+        caps[0].mul_(2)                                             # modified in place: not served stale
+        b = model(x, t, caps)
+    assert len(made) == 4
+    assert not torch.equal(a, b)
+
+
+# ---- torch.compile per block ---------------------------------------------------------------------------
+
+def test_compiled_blocks_equal_eager_and_do_not_recompile_between_steps():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_dit()
+    x, _, caps = inputs(cap_lens=(7,))
+    ts = [torch.tensor([v]) for v in (0.1, 0.5, 0.9)]
+    with torch.no_grad():
+        eager = [model(x, t, caps) for t in ts]
+        compile_blocks(model)
+        first = model(x, ts[0], caps)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled = [model(x, t, caps) for t in ts]
+    assert counters["stats"]["unique_graphs"] == graphs, "a new t recompiled a block"
+    assert rel_err(first, eager[0])[1] <= 1e-5
+    for c, e in zip(compiled, eager):
+        assert rel_err(c, e)[1] <= 1e-5
+    assert set(model.state_dict()) == set(tiny_dit().state_dict())     # keys unchanged: files still load
+
+
+# ---- fp16 without overflow ------------------------------------------------------------------------------
+
+def overflowing(model: ZImageDiT) -> ZImageDiT:
+    """FFN weights 1000x: the gated product reaches ~1e6, past fp16's 65504."""
+    for block in [*model.layers, *model.noise_refiner, *model.context_refiner]:
+        block.feed_forward.w1.weight.data *= 1000
+        block.feed_forward.w3.weight.data *= 1000
+    return model
+
+
+def test_fp16_model_does_not_overflow_where_plain_fp16_does():
+    model = overflowing(tiny_dit(seed=3))
+    x, t, caps = inputs(cap_lens=(7,))
+    with torch.no_grad():
+        reference = model(x, t, caps)
+        # the chosen weights do overflow fp16: one block run the plain way (fp16 stream) gives inf/NaN
+        block: TransformerBlock = model.layers[0]
+        h = torch.randn(1, 64, TINY.dim)
+        c = torch.randn(1, TINY.adaln_dim)
+        rope = model.make_context(caps, (8, 6)).rope
+        rope.cos, rope.sin = rope.cos[:, :64], rope.sin[:, :64]
+        assert torch.isfinite(block(h, rope, None, c)).all()
+        block.half()
+        assert not torch.isfinite(block(h.half(), rope, None, c.half())).all(), "weights do not overflow fp16"
+        model.half()
+        out = model(x, t, caps)
+    abs_err, rel = rel_err(out.float(), reference)
+    print(f"fp16 model vs fp32: max abs {abs_err:.2e}, rel {rel:.2e}")
+    assert torch.isfinite(out).all()
+    assert rel <= 5e-3
+
+
+def test_fp16_linear_is_linear_and_finite():
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(5, 64) * 3e4                                   # |x| far past where x @ W overflows fp16
+    out = layers.fp16_linear(lin.half(), x)
+    ref = x @ lin.weight.float().t()
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert rel_err(out, ref)[1] <= 2e-3
+    with pytest.raises(ValueError, match="bias-free"):
+        layers.fp16_linear(nn.Linear(4, 4), torch.randn(2, 4))
+
+
+# ---- fp8 matmul -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scaled_fp8_linear_is_the_quantised_product(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=False).to(dtype)
+    x = torch.randn(3, 10, 64, dtype=dtype)
+    fp8 = quant.ScaledFP8Linear(lin, "tensor")                     # the CPU build's _scaled_mm: per tensor
+    out = fp8(x)
+    q, s = quant.quantize(x.reshape(-1, 64), rowwise=False)
+    emulated = ((q.float() * s) @ (fp8.weight.float() * fp8.weight_scale).t()).reshape(3, 10, 48)
+    assert out.dtype == dtype and fp8.weight.dtype == quant.FP8
+    assert rel_err(out.float(), emulated)[1] <= (1e-6 if dtype == torch.float32 else 2e-2)
+    assert rel_err(out.float(), lin(x).float())[1] <= FP8
+
+
+def test_rowwise_quantisation_is_closer_than_per_tensor():
+    """The CUDA path scales per token and per channel; its arithmetic, emulated, beats one scale when rows
+    differ in magnitude (as DiT tokens do)."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    x = torch.randn(20, 64) * torch.logspace(-2, 2, 20)[:, None]
+    ref = x @ w.t()
+    errors = {}
+    for rowwise in (False, True):
+        qx, sx = quant.quantize(x, rowwise)
+        qw, sw = quant.quantize(w, rowwise)
+        out = (qx.float() * sx) @ (qw.float() * sw).t()
+        errors[rowwise] = ((out - ref).abs() / ref.abs().amax(-1, keepdim=True)).max().item()
+    assert errors[True] < errors[False]
+    assert errors[True] <= FP8
+
+
+def test_fp8_matmul_dit_close_to_weight_only_fp8_and_sensitive_layers_kept():
+    """A whole (random, tiny) DiT in fp8 matmuls lands as near the fp32 result as fp8 weight storage alone
+    does (the path users already take); with random weights both are ~0.1 off, so the bound is relative."""
+    x, t, caps = inputs(cap_lens=(7, 20))
+    model, weight_only = tiny_dit(seed=5), tiny_dit(seed=5)
+    with torch.no_grad():
+        reference = model(x, t, caps)
+        quant.store_blocks_in_fp8(weight_only)
+        stored = weight_only(x, t, caps)
+        converted = quant.use_fp8_matmul(model)
+        out = model(x, t, caps)
+    assert len(converted) == 5 * (TINY.n_layers + TINY.n_noise_refiner + TINY.n_context_refiner)
+    assert isinstance(model.layers[0].attention.qkv, quant.ScaledFP8Linear)
+    for kept in (model.x_embedder, model.cap_embedder[1], model.final_layer.linear, model.t_embedder.mlp[0],
+                 model.layers[0].adaLN_modulation[0]):
+        assert type(kept) is nn.Linear and kept.weight.dtype == torch.float32
+    rel, rel_stored = rel_err(out, reference)[1], rel_err(stored, reference)[1]
+    print(f"fp8 matmul DiT vs fp32: rel {rel:.2e}; fp8 weight-only: rel {rel_stored:.2e}")
+    assert torch.isfinite(out).all()
+    assert rel <= 2 * rel_stored and rel <= 0.25
+
+
+def test_fp8_matmul_falls_back_to_weight_only_without_support(monkeypatch):
+    monkeypatch.setattr(quant, "scaled_mm_support", lambda device: None)
+    model = tiny_dit(seed=6)
+    assert quant.use_fp8_matmul(model) == []
+    assert type(model.layers[0].feed_forward.w1) is quant.CastLinear
+    assert model.layers[0].feed_forward.w1.weight.dtype == quant.FP8
+
+
+# ---- attention kernel choice ----------------------------------------------------------------------------
+
+def test_sdpa_priority_per_device(monkeypatch):
+    from torch.nn.attention import SDPBackend
+    assert layers.sdpa_priority(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert layers.sdpa_priority(torch.device("cuda"))[:2] == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert layers.sdpa_priority(torch.device("cuda"))[0] == SDPBackend.FLASH_ATTENTION
+    assert SDPBackend.MATH in layers.sdpa_priority(torch.device("cuda"))      # always something that runs
