@@ -66,6 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     rate = len(records) / elapsed * 60 if elapsed > 0 else 0.0
     print(f"zimage-batch: {len(records)} jobs, {len(records) - len(failed)} ok, {len(failed)} failed; "
           f"{images} images in {args.out}; log {log}; {elapsed:.1f} s ({rate:.1f} jobs/min)")
-    for r in failed:
+    for r in sorted(failed, key=lambda r: r["line"]):
         print(f"  FAILED {r['job']}: {r['error']}")
     return 1 if failed else 0
