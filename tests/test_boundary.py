@@ -4,8 +4,8 @@ import sys
 
 from conftest import REPO
 
-MODULES = ["checkpoint", "config", "dit", "errors", "fastpath", "keys", "layers", "loading", "pipeline", "precision", "quant", "rope",
-           "sampling", "synthetic", "text_encoder", "tokenizer", "vae"]
+MODULES = ["checkpoint", "config", "dit", "errors", "fastpath", "keys", "layers", "loading", "memory", "pipeline",
+           "precision", "quant", "rope", "sampling", "synthetic", "text_encoder", "tokenizer", "vae"]
 
 
 def test_core_imports_with_comfy_blocked():

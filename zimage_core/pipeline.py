@@ -13,6 +13,7 @@ from torch import Tensor
 from .config import FLUX_LATENT, SAMPLING
 from .dit import ZImageDiT
 from .loading import LoadReport, Source, load_dit, load_text_encoder, load_vae
+from .memory import check_policy, decode_tiled, empty_cache, stream_dit_blocks, visiting
 from .precision import choose_dtypes
 from .sampling import StepCallback, initial_noise, sample, sigma_schedule
 from .text_encoder import Qwen3Encoder, encode_prompts
@@ -74,13 +75,32 @@ def load_zimage(dit: Source, text_encoder: Source | None = None, vae: Source | N
 
 
 class ZImagePipeline:
-    def __init__(self, models: ZImageModels, device: str | torch.device = "cpu"):
+    """memory: 'keep', 'swap' or 'lowvram' (zimage_core.memory). With 'swap' and 'lowvram' the text encoder
+    is kept in CPU memory between prompts; 'lowvram' also streams the DiT's blocks and tiles the VAE decode."""
+
+    def __init__(self, models: ZImageModels, device: str | torch.device = "cpu", memory: str = "keep",
+                 vae_tile: int = 64):
         self.models = models
         self.device = torch.device(device)
+        self.memory = check_policy(memory)
+        self.vae_tile = vae_tile
+        self.home = torch.device("cpu")
+        self.streamer = None
+        if memory != "keep":
+            models.text_encoder.to(self.home)
+            empty_cache(self.device)
+        if memory == "lowvram":
+            self.streamer = stream_dit_blocks(models.dit, self.device)
+            models.vae.to(self.device)
+            empty_cache(self.device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[Tensor]:
-        return encode_prompts(self.models.text_encoder, self.models.tokenizer, prompts)
+        te = self.models.text_encoder
+        if self.memory == "keep":
+            return encode_prompts(te, self.models.tokenizer, prompts)
+        with visiting(te, self.device, self.home):
+            return encode_prompts(te, self.models.tokenizer, prompts)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative: str | list[str] = "", width: int = 1024,
@@ -115,5 +135,9 @@ class ZImagePipeline:
         """Model-space latent -> (B, H, W, 3) in [0, 1]."""
         vae = self.models.vae
         dtype = next(vae.parameters()).dtype
-        pixels = vae.decode(from_model_space(latent).to(dtype)).float()
+        z = from_model_space(latent).to(self.device, dtype)
+        if self.memory == "lowvram":
+            pixels = decode_tiled(vae.decode, z, tile=self.vae_tile, overlap=self.vae_tile // 4).float()
+        else:
+            pixels = vae.decode(z).float()
         return (pixels / 2 + 0.5).clamp(0, 1).movedim(1, -1)

@@ -1,0 +1,176 @@
+"""The memory policy of the plain pipeline: which part lives where, and how a 1024² job fits a small GPU.
+
+    keep     every part resident on the device (fastest; about 20 GB in bf16)
+    swap     the 8 GB text encoder waits in CPU memory and visits the device only to encode (13 GB bf16 peak)
+    lowvram  swap, plus the DiT's blocks streamed from CPU memory one ahead of use, and the VAE decoding
+             in tiles: what stays on the device is one or two blocks, the embedders and the activations
+
+(Inside ComfyUI its own model management does this for the pack's MODEL/CLIP/VAE, --lowvram included.)
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+POLICIES = ("keep", "swap", "lowvram")
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"memory policy must be one of {', '.join(POLICIES)}, got '{policy}'")
+    return policy
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def visiting(module: nn.Module, device: torch.device, home: torch.device):
+    """The module on `device` inside, back `home` after (and the device's cache emptied), even on error."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        empty_cache(device)
+
+
+# ---- the DiT's blocks streamed from CPU memory --------------------------------------------------------
+
+class BlockStreamer:
+    """Keep each block's weights in (pinned) CPU memory and give them to the device only while the block runs.
+
+    A forward pre-hook puts the block's weights on the device (already copied if it was prefetched) and starts
+    copying the next block's on a side stream, so the copy overlaps this block's compute; a forward hook
+    drops the device copy. At most two blocks' weights are on the device at once."""
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device | str):
+        self.blocks, self.device = list(blocks), torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.home: list[dict[str, Tensor]] = []
+        self.ready: dict[int, tuple[dict[str, Tensor], object]] = {}
+        self.next_of: dict[int, int] = {}               # block -> the block that ran after it last time
+        self._last: int | None = None
+        self.loads = 0                                  # device copies made (a test reads it)
+        self.resident_max = 0                           # most blocks on the device at once
+        self._handles = []
+        for i, block in enumerate(self.blocks):
+            self.home.append({name: self._pin(t) for name, t in self._tensors(block)})
+            self._point(block, self.home[i])
+            self._handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._enter(i)))
+            self._handles.append(block.register_forward_hook(lambda m, a, o, i=i: self._leave(i)))
+
+    @staticmethod
+    def _tensors(block: nn.Module):
+        yield from block.named_parameters()
+        yield from block.named_buffers()
+
+    def _pin(self, t: Tensor) -> Tensor:
+        t = t.detach().to("cpu")
+        return t.pin_memory() if self.cuda else t
+
+    @staticmethod
+    def _point(block: nn.Module, tensors: dict[str, Tensor]) -> None:
+        for name, t in BlockStreamer._tensors(block):
+            t.data = tensors[name]
+
+    def _copy(self, i: int) -> tuple[dict[str, Tensor], object]:
+        self.loads += 1
+        if not self.cuda:
+            return {name: t.to(self.device) for name, t in self.home[i].items()}, None
+        with torch.cuda.stream(self.stream):
+            copies = {name: t.to(self.device, non_blocking=True) for name, t in self.home[i].items()}
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return copies, done
+
+    def _enter(self, i: int) -> None:
+        copies, done = self.ready.pop(i, None) or self._copy(i)
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+            for t in copies.values():                  # made on the side stream, used on this one
+                t.record_stream(torch.cuda.current_stream(self.device))
+        self._point(self.blocks[i], copies)
+        if self._last is not None:
+            self.next_of[self._last] = i                # learn the order the model really runs them in
+        self._last = i
+        nxt = self.next_of.get(i, (i + 1) % len(self.blocks))
+        self.ready = {k: v for k, v in self.ready.items() if k == nxt}     # drop a prefetch that was not used
+        if nxt != i and nxt not in self.ready:
+            self.ready[nxt] = self._copy(nxt)
+        self.resident_max = max(self.resident_max, 1 + len(self.ready))
+
+    def _leave(self, i: int) -> None:
+        self._point(self.blocks[i], self.home[i])
+
+    def close(self) -> None:
+        """Remove the hooks; the weights stay in CPU memory (move the model to put them back)."""
+        for h in self._handles:
+            h.remove()
+        self.ready.clear()
+
+
+def stream_dit_blocks(dit: nn.Module, device: torch.device | str) -> BlockStreamer:
+    """Low-VRAM DiT: everything but the transformer blocks on `device`, the blocks streamed by a BlockStreamer.
+    The blocks run in order (noise refiner, context refiner, main layers), so 'the next block' is in that
+    order; a block entered out of turn is simply copied on demand."""
+    device = torch.device(device)
+    blocks = [*dit.noise_refiner, *dit.context_refiner, *dit.layers]
+    block_ids = {id(p) for b in blocks for p in b.parameters()}
+    for p in dit.parameters():
+        if id(p) not in block_ids:
+            p.data = p.data.to(device)
+    return BlockStreamer(blocks, device)
+
+
+# ---- the VAE decoding in tiles ------------------------------------------------------------------------
+
+def _ramp(n: int, overlap: int, at_start: bool, at_end: bool, device) -> Tensor:
+    """Blend weights along one side of a tile: rising over `overlap` pixels where a neighbour overlaps."""
+    w = torch.ones(n, device=device)
+    ramp = (torch.arange(overlap, device=device) + 0.5) / overlap
+    if not at_start and overlap:
+        w[:overlap] = ramp
+    if not at_end and overlap:
+        w[-overlap:] = ramp.flip(0)
+    return w
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((length - tile) / stride) + 1
+    return sorted({min(i * stride, length - tile) for i in range(n)})
+
+
+def decode_tiled(decode, z: Tensor, tile: int = 64, overlap: int = 16, scale: int = 8) -> Tensor:
+    """decode(z) computed tile by tile over the latent (tile and overlap in latent pixels), the tiles blended
+    with linear ramps where they overlap. Peak memory is that of one tile's decode. The result is close to,
+    not equal to, one whole decode: the decoder's GroupNorms and mid-block attention see one tile at a time
+    (a larger overlap makes the seams softer). A latent no larger than one tile is decoded whole."""
+    B, C, H, W = z.shape
+    if H <= tile and W <= tile:
+        return decode(z)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile), got {overlap} for tile {tile}")
+    out = weight = None
+    for y in _starts(H, tile, overlap):
+        for x in _starts(W, tile, overlap):
+            part = decode(z[:, :, y:y + tile, x:x + tile]).float()
+            if out is None:
+                out = torch.zeros(B, part.shape[1], H * scale, W * scale, device=part.device)
+                weight = torch.zeros(1, 1, H * scale, W * scale, device=part.device)
+            h, w = part.shape[-2:]
+            wy = _ramp(h, overlap * scale, y == 0, y + tile >= H, part.device)
+            wx = _ramp(w, overlap * scale, x == 0, x + tile >= W, part.device)
+            mask = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, y * scale:y * scale + h, x * scale:x * scale + w] += part * mask
+            weight[:, :, y * scale:y * scale + h, x * scale:x * scale + w] += mask
+    return out / weight
