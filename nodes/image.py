@@ -116,7 +116,8 @@ class ZImageTurboVAEEncode:
     def encode(self, pixels, vae):
         h, w = (pixels.shape[1] // MULTIPLE) * MULTIPLE, (pixels.shape[2] // MULTIPLE) * MULTIPLE
         if h == 0 or w == 0:
-            raise ValueError(f"the image is {pixels.shape[2]}x{pixels.shape[1]}: it must be at least 16x16 pixels")
+            raise ValueError(f"pixels is a {pixels.shape[2]}x{pixels.shape[1]} image: it must be at least 16x16 "
+                             f"pixels; upscale or pad it first")
         latent = guard.run_guarded("encoding with the VAE", guard.vae_remedy(w, h, pixels.shape[0]),
                                    vae.encode, pixels[:, :h, :w, :3])
         bridge.check_finite(latent, "encoded latent")

@@ -7,6 +7,7 @@ import comfy.sd
 import comfy.model_management as mm
 import folder_paths
 
+from ..zimage_core.errors import ZImageError
 from ..zimage_core.loading import load_dit, load_text_encoder, load_vae
 from ..zimage_core.precision import FP8_NAME, NAMED, choose_dtypes
 from ..zimage_core.quant import store_blocks_in_fp8
@@ -25,15 +26,25 @@ def comfy_tokenizer_dir() -> Path:
     return Path(comfy.sd.__file__).parent / "text_encoders" / "qwen25_tokenizer"
 
 
-def load_parts(dit_path, te_path, vae_path, weight_dtype: str, tokenizer_dir: Path | None = None):
+def named(input_name: str, load, *args, **kwargs):
+    """The engine's file errors name the file; a REST client also needs the node input it came from."""
+    try:
+        return load(*args, **kwargs)
+    except ZImageError as e:
+        raise type(e)(f"{input_name}: {e}") from e
+
+
+def load_parts(dit_path, te_path, vae_path, weight_dtype: str, tokenizer_dir: Path | None = None,
+               inputs: tuple[str, str, str] = ("unet_name", "clip_name", "vae_name")):
+    """inputs: the node inputs the three sources came from, for error messages."""
     dtypes = choose_dtypes(mm.get_torch_device(), weight_dtype)
     offload = mm.unet_offload_device()
-    dit, r1 = load_dit(dit_path, dtypes.dit, offload, model_cls=bridge.ComfyZImageDiT)
+    dit, r1 = named(inputs[0], load_dit, dit_path, dtypes.dit, offload, model_cls=bridge.ComfyZImageDiT)
     if dtypes.dit_fp8:
         for linear in store_blocks_in_fp8(dit):
             linear.comfy_cast_weights = True        # ComfyUI's Linear then casts fp8 to the activation dtype
-    te, r2 = load_text_encoder(te_path, dtypes.text_encoder, offload)
-    ae, r3 = load_vae(vae_path, dtypes.vae, offload)
+    te, r2 = named(inputs[1], load_text_encoder, te_path, dtypes.text_encoder, offload)
+    ae, r3 = named(inputs[2], load_vae, vae_path, dtypes.vae, offload)
     for report in (r1, r2, r3):
         bridge.log.info("Z-Image Turbo: loaded %s", report)
     tokenizer = PromptTokenizer.from_dir(tokenizer_dir or comfy_tokenizer_dir())
@@ -84,7 +95,7 @@ class ZImageTurboCheckpointLoader(_LoaderNode):
 
     def load(self, ckpt_name, weight_dtype):
         path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        return load_parts(path, path, path, weight_dtype)
+        return load_parts(path, path, path, weight_dtype, inputs=("ckpt_name",) * 3)
 
 
 def diffusers_folders() -> dict[str, Path]:
@@ -117,4 +128,5 @@ class ZImageTurboDiffusersLoader(_LoaderNode):
                              f"found: {', '.join(folders) or 'none'}")
         folder = folders[model_path]
         tokenizer = folder / "tokenizer"
-        return load_parts(folder, folder, folder, weight_dtype, tokenizer if tokenizer.is_dir() else None)
+        return load_parts(folder, folder, folder, weight_dtype, tokenizer if tokenizer.is_dir() else None,
+                          inputs=("model_path",) * 3)

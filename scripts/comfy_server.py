@@ -160,3 +160,21 @@ def write_tiny_models(models: Path) -> None:
 
 def load_workflow(name: str) -> dict:
     return json.loads((REPO / "workflows" / name).read_text(encoding="utf-8"))
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process in KiB, from /proc/<pid>/status (VmRSS); Linux only."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS line in /proc/{pid}/status")
+
+
+def _server_rss_kb(self: ComfyServer) -> int:
+    """The server process's resident memory in KiB (soak and leak tests watch it)."""
+    if not self.alive():
+        raise RuntimeError(f"ComfyUI {self.version} is not running:\n{self.log_tail()}")
+    return rss_kb(self.proc.pid)
+
+
+ComfyServer.rss_kb = _server_rss_kb
