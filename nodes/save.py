@@ -120,9 +120,9 @@ def latent_size(graph: Graph, latent: dict | None) -> tuple[int, int] | None:
     kind = latent.get("class_type")
     if kind == "ZImageTurboSize":
         aspect, base = graph.scalar(latent, "aspect"), graph.scalar(latent, "base")
-        if aspect in ASPECTS and isinstance(base, int):
-            return preset_size(aspect, base)
-        return None
+        if aspect in ASPECTS:
+            return preset_size(aspect, base) if isinstance(base, int) else None
+        # aspect 'custom' (or a newer option): the width/height inputs, as the node reads them
     width, height = graph.scalar(latent, "width"), graph.scalar(latent, "height")
     if isinstance(width, int) and isinstance(height, int):
         return width, height

@@ -3,5 +3,6 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/scripts/setup_runtime.sh"
+bash "$here/scripts/setup_browser.sh"   # Chromium for tests/test_browser.py (skips there, with the reason, if it cannot)
 cd "$here"
 exec .runtime/venv/bin/python -m pytest "$@"

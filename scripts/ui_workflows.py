@@ -41,8 +41,29 @@ def node_size(info: dict, n_inputs: int, n_outputs: int) -> list[int]:
             multiline = len(spec) > 1 and spec[1].get("multiline")
             height += 110 if multiline else 24 * (2 if has_control(name, spec) else 1)
     if info.get("output_node"):
-        return [420, height + 380]
-    return [400, height]
+        return [400, height + 360]
+    return [360, height]
+
+
+def place(nodes: list[dict], links: list[list]) -> None:
+    """Left to right in data-flow order: a node's column is one past its furthest input's, and a column's nodes
+    stack top to bottom, so links run forward and nothing overlaps."""
+    sources: dict[int, list[int]] = {}
+    for _, src, _, dst, *_ in links:
+        sources.setdefault(dst, []).append(src)
+    column: dict[int, int] = {}
+
+    def depth(nid: int, seen: frozenset = frozenset()) -> int:
+        if nid not in column:
+            column[nid] = 1 + max((depth(s, seen | {nid}) for s in sources.get(nid, []) if s not in seen), default=-1)
+        return column[nid]
+
+    bottoms: dict[int, int] = {}
+    for node in nodes:
+        col = depth(node["id"])
+        y = bottoms.get(col, 80)
+        node["pos"] = [60 + 400 * col, y]
+        bottoms[col] = y + node["size"][1] + 80                # room for the title bar and the hints above it
 
 
 def to_ui(api: dict, object_info: dict) -> dict:
@@ -70,10 +91,11 @@ def to_ui(api: dict, object_info: dict) -> dict:
                 inputs.append({"name": name, "type": spec[0], "link": link[0]})
         outputs = [{"name": out_name, "type": kind, "links": slot_links.get((nid, s), []), "slot_index": s}
                    for s, (kind, out_name) in enumerate(zip(info["output"], info["output_name"]))]
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [60 + 460 * (i % 4), 80 + 360 * (i // 4)],
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [0, 0],
                       "size": node_size(info, len(inputs), len(outputs)), "flags": {}, "order": i, "mode": 0,
                       "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+    place(nodes, links)
     for link in links:                                          # LiteGraph links name the target slot index
         target = next(n for n in nodes if n["id"] == link[3])
         link[4] = next(k for k, inp in enumerate(target["inputs"]) if inp["name"] == link[4])

@@ -128,6 +128,10 @@ def test_size_preset_node_gives_the_size(server):
     image, text = png_text(server, server.run(wf))
     assert image.size == (1360, 768)
     assert parse_parameters(text["parameters"])[2]["Size"] == "1360x768"
+    wf["5"]["inputs"].update(aspect="custom", width=80, height=48)
+    image, text = png_text(server, server.run(wf))
+    assert image.size == (80, 48)
+    assert parse_parameters(text["parameters"])[2]["Size"] == "80x48"
 
 
 def test_a_graph_without_a_sampler_still_saves(server):
