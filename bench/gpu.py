@@ -11,6 +11,12 @@ stages. Pack and core runs alternate. Reported: median seconds, DiT steps/s, pea
 (torch.cuda.max_memory_allocated, reset before each stage; every part's weights stay resident), achieved
 TFLOP/s and its fraction of a bf16 matmul peak measured in the same run, and core / pack time ratios.
 
+Pack variants (`--variants`), each a DiT over the same weight tensors (fp8: its own fp8 copy of the blocks):
+`pack` (the fast path, zimage_core.fastpath.FAST, as the loaders configure it), `pack-plain` (fastpath.PLAIN),
+`pack-compile` (FAST + torch.compile per block), `pack-fp8` (block matmuls in fp8, quant.use_fp8_matmul).
+`--memory` then runs the pack at `--memory-size` under each memory policy (keep / swap / lowvram) and
+reports per-stage peaks: the issue's "< 13 GB bf16" and "< 6 GB low-VRAM" figures.
+
 The core ComfyUI job is its Qwen3_4B (all 36 layers, as ComfyUI runs it; the pack stops after the 35th, whose
 output is the caption feature), its NextDiT(z_image_modulation=True) driven by the same Euler loop, and its
 Flux AE Decoder; each built on the meta device and given the pack's tensors by reference (ComfyUI's layout is
@@ -33,6 +39,9 @@ from common import (comfy_nextdit, dit_flops, flop_counter, fmt_gib, import_comf
                     time_once, write_result)
 from zimage_core.config import TURBO, DiTConfig  # noqa: E402
 from zimage_core.dit import ZImageDiT  # noqa: E402
+from zimage_core.fastpath import FAST, PLAIN, compile_blocks, configure  # noqa: E402
+from zimage_core.memory import POLICIES  # noqa: E402
+from zimage_core.quant import use_fp8_matmul  # noqa: E402
 from zimage_core.pipeline import ZImageModels, ZImagePipeline  # noqa: E402
 from zimage_core.sampling import sample, sigma_schedule  # noqa: E402
 from zimage_core.text_encoder import QWEN3_4B, Qwen3Config, Qwen3Encoder  # noqa: E402
@@ -40,6 +49,7 @@ from zimage_core.vae import FLUX_AE, AutoEncoder, VAEConfig, from_model_space  #
 
 STAGES = ("text encode", "DiT", "VAE decode", "end to end")
 PACK, CORE = "pack", "core"
+VARIANTS = ("pack", "pack-plain", "pack-compile", "pack-fp8")
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,8 @@ class FixedTokens:
 
 
 class PackJob:
-    def __init__(self, models: ZImageModels, device):
-        self.pipe = ZImagePipeline(models, device)
+    def __init__(self, models: ZImageModels, device, memory: str = "keep"):
+        self.pipe = ZImagePipeline(models, device, memory=memory)
 
     def encode(self, batch: int):
         return self.pipe.encode([f"prompt {i}" for i in range(batch)])
@@ -162,14 +172,33 @@ def max_diff(a: dict, b: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build(setup: Setup, device, dtype, vae_dtype, with_core: bool):
+def dit_variant(name: str, dit: ZImageDiT) -> ZImageDiT:
+    """The pack's DiT for one variant, holding `dit`'s tensors (fp8: a quantised copy of the block Linears)."""
+    if name == PACK:
+        return configure(dit, FAST)
+    with torch.device("meta"):
+        twin = ZImageDiT(dit.cfg)
+    share_weights(twin, dit)
+    if name == "pack-plain":
+        return configure(twin, PLAIN)
+    if name == "pack-compile":
+        return compile_blocks(configure(twin, FAST))
+    if name == "pack-fp8":
+        converted = use_fp8_matmul(configure(twin, FAST))
+        print(f"pack-fp8: {len(converted)} block Linears in fp8 matmul" if converted else
+              "pack-fp8: this device has no fp8 matmul; blocks stored in fp8, computed in bf16 (weight-only)")
+        return twin
+    raise ValueError(f"unknown variant '{name}': choose from {', '.join(VARIANTS)}")
+
+
+def build(setup: Setup, device, dtype, vae_dtype, with_core: bool, variants: tuple[str, ...] = (PACK,)):
     te = materialise_random(lambda: Qwen3Encoder(setup.text), device, dtype, seed=1)
     dit = materialise_random(lambda: ZImageDiT(setup.dit), device, dtype, seed=0)
     vae = materialise_random(lambda: AutoEncoder(setup.vae), device, vae_dtype, seed=2)
     tokens = FixedTokens(setup.caption_tokens, setup.text.vocab_size)
-    pack = PackJob(ZImageModels(dit, te, vae, tokens), device)
+    packs = {name: PackJob(ZImageModels(dit_variant(name, dit), te, vae, tokens), device) for name in variants}
     if not with_core:
-        return pack, None
+        return packs, None
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.model import Decoder
     from comfy.text_encoders.llama import Qwen3_4B
@@ -187,7 +216,7 @@ def build(setup: Setup, device, dtype, vae_dtype, with_core: bool):
         raise RuntimeError(f"ComfyUI's Qwen3 has head_dim {core_te.model.config.head_dim}, ours {t.head_dim}")
     core = CoreJob(share_weights(core_te, te), share_weights(core_dit, dit), share_weights(core_dec, vae, "decoder."),
                    tokens, dtype, device)
-    return pack, core
+    return packs, core
 
 
 def vae_decode_flops(cfg: VAEConfig, batch: int, latent_h: int, latent_w: int) -> int:
@@ -207,7 +236,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, help="timed runs per job (median reported)")
     parser.add_argument("--caption-tokens", type=int, help="prompt length in tokens, template included")
     parser.add_argument("--no-core", action="store_true", help="skip core ComfyUI")
+    parser.add_argument("--variants", nargs="+", default=[PACK, "pack-plain", "pack-fp8"], choices=VARIANTS,
+                        help="pack variants to time (pack-compile adds compile time to its warm-up)")
+    parser.add_argument("--memory", action="store_true", help="also run the pack under each memory policy")
+    parser.add_argument("--memory-size", type=int, default=None, help="image size of the memory runs (1024)")
     args = parser.parse_args()
+    if PACK not in args.variants:
+        args.variants.insert(0, PACK)
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
@@ -231,12 +266,12 @@ def main() -> int:
     print(f"{'smoke, ' if args.smoke else ''}{torch.cuda.get_device_name() if cuda else 'cpu'}: "
           f"{peak['dtype']} matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['n']}^3)"
           + (f"; ComfyUI attention: {comfy_attention}" if comfy_attention else ""))
-    pack, core = build(setup, device, dtype, vae_dtype, with_core=not args.no_core)
+    packs, core = build(setup, device, dtype, vae_dtype, with_core=not args.no_core, variants=tuple(args.variants))
     if cuda:
         print(f"weights resident: {fmt_gib(torch.cuda.memory_allocated(device))} GiB")
-    jobs = {PACK: pack} if core is None else {PACK: pack, CORE: core}
+    jobs = dict(packs) if core is None else {**packs, CORE: core}
 
-    results, rows = [], []
+    results, rows, variant_rows = [], [], []
     sigmas = sigma_schedule(setup.steps)
     warm_sigmas = sigma_schedule(1)
     for size in setup.sizes:
@@ -260,6 +295,8 @@ def main() -> int:
                         torch.cuda.empty_cache()
                 # one-step outputs of the warm-up, pack vs core; dropped before the timed runs (peak memory)
                 agree = max_diff(warm[PACK], warm[CORE]) if PACK in warm and CORE in warm else None
+                variant_agree = {name: max_diff(warm[name], warm[PACK]) for name in packs
+                                 if name != PACK and name in warm and PACK in warm}
                 del warm
                 for _ in range(setup.runs):
                     for name, job in jobs.items():
@@ -275,6 +312,8 @@ def main() -> int:
                      "flops": flops, "failed": failed, "stages": {}}
             if agree is not None:
                 entry["warmup_max_abs_diff"] = agree
+            if variant_agree:
+                entry["variants_max_abs_diff_vs_pack"] = variant_agree
             for stage in STAGES:
                 per = {}
                 for name in jobs:
@@ -294,6 +333,9 @@ def main() -> int:
                     per["core_over_pack"] = per[CORE]["median"] / per[PACK]["median"]
                 entry["stages"][stage] = per
                 rows.append(table_row(size, batch, stage, per, cuda))
+                if stage in ("DiT", "end to end"):
+                    variant_rows.extend(variant_row(size, batch, stage, name, per, cuda) for name in packs
+                                        if name in per)
             results.append(entry)
             done = entry["stages"]["end to end"]
             print(f"{size}² batch {batch}: end to end " + ", ".join(
@@ -312,10 +354,58 @@ def main() -> int:
     if cuda:
         header += ["pack peak GiB", "core peak GiB"]
     print_table(header, rows)
+    print("\npack variants (same weights): DiT and end to end; core/variant > 1: the variant is faster than core")
+    print_table(["size", "B", "stage", "variant", "seconds", "steps/s", "TFLOP/s", "% pk", "core/variant"]
+                + (["peak GiB"] if cuda else []), variant_rows)
+
+    memory = None
+    if args.memory:
+        models = packs[PACK].pipe.models
+        del packs, jobs, core                          # only the pack's own weights stay resident
+        memory = memory_phase(models, setup, args.memory_size or (1024 if not args.smoke else setup.sizes[-1]),
+                              device)
     write_result("gpu_smoke" if args.smoke else "gpu", {
         "setup": setup, "dtype": dtype, "comfyui": None if args.no_core else "0.30.0",
-        "comfyui_attention": comfy_attention, "matmul_peak": peak, "results": results}, device)
+        "comfyui_attention": comfy_attention, "matmul_peak": peak, "variants": args.variants, "results": results,
+        "memory_policies": memory}, device)
     return 0
+
+
+def memory_phase(models: ZImageModels, setup: Setup, size: int, device) -> list[dict]:
+    """The pack's job (batch 1) under each memory policy: seconds and peak device memory per stage. The
+    models are put back on the device after each policy."""
+    cuda = torch.device(device).type == "cuda"
+    h = w = size // 8
+    noise = torch.randn(1, setup.dit.in_channels, h, w, device=device)
+    out, rows = [], []
+    for policy in POLICIES:
+        job = PackJob(models, device, memory=policy)
+        with torch.inference_mode():
+            run_job(job, 1, noise, sigma_schedule(1), device)                  # warm-up
+            timings, _ = run_job(job, 1, noise, sigma_schedule(setup.steps), device)
+        out.append({"policy": policy, "size": size, "stages": timings})
+        rows.append((policy, f"{size}²") + tuple(f"{timings[s]['seconds']:.3f}" for s in STAGES)
+                    + ((fmt_gib(timings["end to end"]["peak_bytes"]),
+                        fmt_gib(timings["DiT"]["peak_bytes"])) if cuda else ()))
+        if job.pipe.streamer is not None:
+            job.pipe.streamer.close()
+        models.dit.to(device)
+        models.text_encoder.to(device)
+        models.vae.to(device)
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"\nmemory policies, {size}², batch 1, {setup.steps} steps (seconds per stage; peak = "
+          "max_memory_allocated)")
+    print_table(["policy", "size", *STAGES] + (["peak GiB", "DiT peak GiB"] if cuda else []), rows)
+    return out
+
+
+def variant_row(size: int, batch: int, stage: str, name: str, per: dict, cuda: bool) -> tuple:
+    st, core = per[name], per.get(CORE)
+    row = (f"{size}²", batch, stage, name, f"{st['median']:.3f}",
+           f"{st['steps_per_s']:.2f}" if "steps_per_s" in st else "-", f"{st['tflops_per_s']:.3g}",
+           f"{st['of_matmul_peak']:.0%}", f"{core['median'] / st['median']:.2f}" if core else "-")
+    return row + ((fmt_gib(st["peak_bytes"]),) if cuda else ())
 
 
 def table_row(size: int, batch: int, stage: str, per: dict, cuda: bool) -> tuple:
