@@ -3,7 +3,12 @@ ComfyUI 0.30.0's NextDiT and diffusers' ZImageTransformer2DModel, all three hold
 in one process. Runs are interleaved (one call of each model per round) so machine drift hits all alike.
 Prints a table of medians and writes JSON to bench/results/.
 
-    .runtime/venv/bin/python bench/cpu_dit.py [--sizes 256 512] [--runs 5] [--threads N] [--profile]
+    .runtime/venv/bin/python bench/cpu_dit.py [--sizes 256 512] [--runs 5] [--threads N] [--dtype fp32 bf16]
+                                              [--profile]
+
+The pack runs twice: with its fast path (fastpath.FAST, what its loaders give) and with the plain path.
+With several dtypes, each dtype is a separate table: all implementations run in that dtype (bf16 uses the
+CPU's AMX/AVX512-BF16 units where it has them).
 
 Core ComfyUI is timed twice: with the attention it picks on a CPU (sub-quadratic, as shipped) and with
 `--use-pytorch-cross-attention`'s choice (torch SDPA, the kernel the pack and diffusers use).
@@ -23,6 +28,7 @@ from common import (comfy_nextdit, dit_flops, dit_token_counts, fmt_ms, import_c
                     print_table, randomize_, share_weights, summary, time_once, write_result)
 from zimage_core.config import DiTConfig  # noqa: E402
 from zimage_core.dit import ZImageDiT  # noqa: E402
+from zimage_core.fastpath import FAST, PLAIN, configure  # noqa: E402
 from zimage_core.keys import dit_from_diffusers  # noqa: E402
 
 # Reduced but proportioned like Turbo: head_dim 128 and RoPE (32, 48, 48), ffn int(dim / 3 * 8), adaLN 256, the
@@ -31,8 +37,9 @@ from zimage_core.keys import dit_from_diffusers  # noqa: E402
 REDUCED = DiTConfig(dim=1024, n_layers=4, n_noise_refiner=1, n_context_refiner=1, n_heads=8, ffn_hidden=2730,
                     cap_feat_dim=2560, adaln_dim=256, t_embed_hidden=1024)
 CAPTION_TOKENS = 77
-PACK, CORE, CORE_SDPA, DIFFUSERS = ("pack (zimage_core)", "ComfyUI core NextDiT", "ComfyUI core, torch SDPA",
-                                    "diffusers")
+PACK, PACK_PLAIN, CORE, CORE_SDPA, DIFFUSERS = ("pack (fast path)", "pack (plain path)", "ComfyUI core NextDiT",
+                                                "ComfyUI core, torch SDPA", "diffusers")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_models(cfg: DiTConfig, seed: int = 0):
@@ -81,29 +88,27 @@ def profile_forward(fn, top: int = 15) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels (square)")
-    parser.add_argument("--runs", type=int, default=7, help="timed calls per model and size (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
-    parser.add_argument("--profile", action="store_true", help="also profile one pack forward at the last size")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    comfy_attention = import_comfy(cpu=True)
-    cfg = REDUCED
-    ours, core, ref = build_models(cfg)
-    peak = matmul_peak("cpu")
-    print(f"fp32 matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['n']}^3), {args.threads} threads; "
-          f"ComfyUI's CPU attention: {comfy_attention}")
+def twin(model: ZImageDiT) -> ZImageDiT:
+    """A second DiT over the same tensors (for the plain path next to the fast one)."""
+    from common import share_weights
+    with torch.device("meta"):
+        other = ZImageDiT(model.cfg)
+    return share_weights(other, model)
 
+
+def bench_dtype(cfg: DiTConfig, dtype: torch.dtype, args, peak: dict) -> tuple[list[dict], list[tuple]]:
+    """All implementations in `dtype`, interleaved per size. Returns result entries and table rows."""
+    ours, core, ref = build_models(cfg)
+    for model in (ours, core, ref):
+        model.to(dtype)
+    plain = configure(twin(ours), PLAIN)
+    configure(ours, FAST)
     results, rows = [], []
     for size in args.sizes:
         h = w = size // 8
         g = torch.Generator().manual_seed(size)
-        x = torch.randn(1, cfg.in_channels, h, w, generator=g)
-        cap = torch.randn(1, CAPTION_TOKENS, cfg.cap_feat_dim, generator=g)
+        x = torch.randn(1, cfg.in_channels, h, w, generator=g).to(dtype)
+        cap = torch.randn(1, CAPTION_TOKENS, cfg.cap_feat_dim, generator=g).to(dtype)
         t = torch.tensor([0.4])
         flops = dit_flops(cfg, h, w, CAPTION_TOKENS)
         n_img, n_cap = dit_token_counts(cfg, h, w, CAPTION_TOKENS)
@@ -114,7 +119,8 @@ def main() -> None:
                 return core(x, 1 - t, cap, num_tokens=CAPTION_TOKENS)   # ComfyUI takes sigma and returns -u
             return call
 
-        calls = {PACK: lambda: ours(x, t, [cap[0]]), CORE: comfy(False), CORE_SDPA: comfy(True),
+        calls = {PACK: lambda: ours(x, t, [cap[0]]), PACK_PLAIN: lambda: plain(x, t, [cap[0]]),
+                 CORE: comfy(False), CORE_SDPA: comfy(True),
                  DIFFUSERS: lambda: ref([x[0].unsqueeze(1)], t, [cap[0]], return_dict=False)}
         times = {name: [] for name in calls}
         with torch.inference_mode():
@@ -126,40 +132,73 @@ def main() -> None:
                 for name, fn in calls.items():
                     times[name].append(time_once(fn, "cpu")[0])
         use_comfy_sdpa(False)
-        u = outputs[PACK]
-        agree = {CORE: (u + outputs[CORE]).abs().max().item(), CORE_SDPA: (u + outputs[CORE_SDPA]).abs().max().item(),
-                 DIFFUSERS: (u - torch.stack(outputs[DIFFUSERS][0]).squeeze(2)).abs().max().item()}
+        u = outputs[PACK].float()
+        agree = {PACK_PLAIN: (u - outputs[PACK_PLAIN].float()).abs().max().item(),
+                 CORE: (u + outputs[CORE].float()).abs().max().item(),
+                 CORE_SDPA: (u + outputs[CORE_SDPA].float()).abs().max().item(),
+                 DIFFUSERS: (u - torch.stack(outputs[DIFFUSERS][0]).squeeze(2).float()).abs().max().item()}
         stats = {name: summary(ts) for name, ts in times.items()}
         pack_s = stats[PACK]["median"]
+        name_of = str(dtype).replace("torch.", "")
         for name, st in stats.items():
             rate = flops / st["median"]
-            rows.append((f"{size}²", name, fmt_ms(st["median"]), fmt_ms(st["min"]), f"{rate / 1e9:.1f}",
+            rows.append((name_of, f"{size}²", name, fmt_ms(st["median"]), fmt_ms(st["min"]), f"{rate / 1e9:.1f}",
                          f"{rate / peak['flops_per_s']:.0%}", f"{pack_s / st['median']:.2f}"))
-        results.append({"size": size, "latent": [1, cfg.in_channels, h, w], "image_tokens": n_img,
-                        "caption_tokens": CAPTION_TOKENS, "caption_tokens_padded": n_cap, "flops": flops,
-                        "seconds": stats, "max_abs_diff_to_pack": agree,
+        results.append({"dtype": name_of, "size": size, "latent": [1, cfg.in_channels, h, w],
+                        "image_tokens": n_img, "caption_tokens": CAPTION_TOKENS, "caption_tokens_padded": n_cap,
+                        "flops": flops, "seconds": stats, "max_abs_diff_to_pack": agree,
                         "pack_over": {name: pack_s / st["median"] for name, st in stats.items() if name != PACK}})
+    return results, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels (square)")
+    parser.add_argument("--runs", type=int, default=7, help="timed calls per model and size (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--profile", action="store_true", help="also profile one pack forward at the last size")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    comfy_attention = import_comfy(cpu=True)
+    cfg = REDUCED
+    peak = matmul_peak("cpu")
+    print(f"fp32 matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['n']}^3), {args.threads} threads; "
+          f"ComfyUI's CPU attention: {comfy_attention}")
+
+    results, rows = [], []
+    for name in args.dtype:
+        r, w = bench_dtype(cfg, DTYPES[name], args, peak)
+        results += r
+        rows += w
 
     print(f"\none DiT forward: dim {cfg.dim}, {cfg.n_heads} heads of {cfg.head_dim}, {cfg.n_layers}+"
-          f"{cfg.n_noise_refiner}+{cfg.n_context_refiner} blocks, {CAPTION_TOKENS} caption tokens, batch 1, fp32, "
-          f"{args.threads} threads, median of {args.runs} after {args.warmup} warm-up (interleaved)")
-    print_table(["size", "implementation", "median ms", "min ms", "GFLOP/s", "of peak", "pack / this"], rows)
+          f"{cfg.n_noise_refiner}+{cfg.n_context_refiner} blocks, {CAPTION_TOKENS} caption tokens, batch 1, "
+          f"{args.threads} threads, median of {args.runs} after {args.warmup} warm-up (interleaved); GFLOP/s "
+          "against the fp32 matmul peak")
+    print_table(["dtype", "size", "implementation", "median ms", "min ms", "GFLOP/s", "of fp32 peak", "pack / this"],
+                rows)
     print("pack / this < 1: the pack is faster. Outputs agree to (max |diff| vs pack): " + "; ".join(
-        f"{r['size']}²: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_to_pack"].items()) for r in results))
+        f"{r['dtype']} {r['size']}²: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_to_pack"].items())
+        for r in results))
     for r in results:
-        print(f"{r['size']}²: pack/core {r['pack_over'][CORE]:.2f} (core with SDPA {r['pack_over'][CORE_SDPA]:.2f}), "
-              f"pack/diffusers {r['pack_over'][DIFFUSERS]:.2f}")
+        po = r["pack_over"]
+        print(f"{r['dtype']} {r['size']}²: pack/core {po[CORE]:.2f} (core with SDPA {po[CORE_SDPA]:.2f}), "
+              f"pack/diffusers {po[DIFFUSERS]:.2f}, fast/plain {po[PACK_PLAIN]:.2f}")
 
     profile = None
     if args.profile:
         size = args.sizes[-1]
-        x = torch.randn(1, cfg.in_channels, size // 8, size // 8)
-        cap = torch.randn(CAPTION_TOKENS, cfg.cap_feat_dim)
+        ours = configure(build_models(cfg)[0].to(DTYPES[args.dtype[-1]]), FAST)
+        x = torch.randn(1, cfg.in_channels, size // 8, size // 8).to(DTYPES[args.dtype[-1]])
+        cap = torch.randn(CAPTION_TOKENS, cfg.cap_feat_dim).to(DTYPES[args.dtype[-1]])
         with torch.inference_mode():
             profile = profile_forward(lambda: ours(x, torch.tensor([0.4]), [cap]))
 
     write_result("cpu_dit", {"config": cfg, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
-                             "dtype": "float32", "comfyui": "0.30.0", "comfyui_cpu_attention": comfy_attention,
+                             "dtypes": args.dtype, "comfyui": "0.30.0", "comfyui_cpu_attention": comfy_attention,
                              "matmul_peak": peak, "results": results, "profile": profile}, "cpu")
 
 
