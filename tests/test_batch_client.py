@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -201,6 +203,108 @@ def test_jobs_failing_on_the_server_are_logged_and_the_others_still_run(server, 
         assert len(line["files"]) == 1 and Image.open(line["files"][0]).size == (128, 128)
 
 
+def test_a_job_over_the_timeout_is_interrupted_and_the_next_one_runs(server, tmp_path):
+    jobs = write_csv(tmp_path / "jobs.csv", [
+        {"prompt": "slow", "seed": 1, "width": 512, "height": 512, "steps": 50, "filename_prefix": "timeout_slow"},
+        {"prompt": "quick", "seed": 2, "width": 64, "height": 64, "filename_prefix": "timeout_quick"}])
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run(COMMAND, "--server", server.url, "--jobs", jobs, "--out", out, "--timeout", 8, "--progress", "off")
+    assert result.returncode == 1, result.stdout + result.stderr
+    slow, quick = read_log(out / "log.jsonl")
+    assert slow["status"] == "failed" and slow["error"].startswith("timed out after 8 s"), slow["error"]
+    assert "interrupted" in slow["error"] and not slow["files"] and not saved(server, "timeout_slow")
+    assert quick["status"] == "ok" and len(saved(server, "timeout_quick")) == 1, result.stderr + server.log_tail(30)
+    assert time.monotonic() - started < 90, "the slow job was not stopped"
+
+
+def test_ctrl_c_stops_the_batch_and_its_prompts_on_the_server(server, tmp_path):
+    jobs = write_csv(tmp_path / "jobs.csv", [
+        {"prompt": "slow", "seed": 1, "width": 512, "height": 512, "steps": 50, "filename_prefix": "cancel_slow"},
+        {"prompt": "next", "seed": 2, "width": 64, "height": 64, "filename_prefix": "cancel_next"}])
+    out = tmp_path / "out"
+    client = subprocess.Popen([*COMMAND, "--server", server.url, "--jobs", str(jobs), "--out", str(out),
+                               "--progress", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.get("/queue")["queue_running"] and server.get("/queue")["queue_pending"]):
+            assert time.monotonic() < deadline and client.poll() is None, client.communicate()
+            time.sleep(0.05)
+        client.send_signal(signal.SIGINT)
+        stdout, stderr = client.communicate(timeout=60)
+    finally:
+        client.kill()
+    assert client.returncode == 130, stdout + stderr
+    slow, following = read_log(out / "log.jsonl")
+    assert slow["error"] == following["error"] == "cancelled (Ctrl-C)"
+    deadline = time.monotonic() + 30
+    while server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    queue = server.get("/queue")
+    assert not queue["queue_running"] and not queue["queue_pending"], "the batch's prompts went on without it"
+    assert following["prompt_id"] not in server.get("/history")
+    assert not saved(server, "cancel_slow") and not saved(server, "cancel_next")
+
+
+def test_an_absent_server_fails_every_job_after_the_retries(tmp_path):
+    jobs = write_csv(tmp_path / "jobs.csv", [{"prompt": "a"}, {"prompt": "b"}])
+    with socket.socket() as s:                      # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    result = run(COMMAND, "--server", f"127.0.0.1:{port}", "--jobs", jobs, "--out", out, "--retries", 2,
+                 "--progress", "off", timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "2 jobs, 0 ok, 2 failed" in result.stdout and "failed 2 times" in result.stdout
+    assert [l["status"] for l in read_log(out / "log.jsonl")] == ["failed", "failed"]
+
+
+def test_core_ksampler_workflow(server, tmp_path):
+    jobs = write_csv(tmp_path / "jobs.csv", [{"prompt": "a linen shirt", "negative": "wrinkles", "seed": 77,
+                                              "width": 128, "height": 160, "cfg": 2}])
+    out = tmp_path / "out"
+    result = run(COMMAND, "--server", server.url, "--workflow", REPO / "workflows" / "ecommerce_checkpoint_api.json",
+                 "--jobs", jobs, "--out", out, "--progress", "off")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = read_log(out / "log.jsonl")
+    [png] = line["files"]
+    used = embedded_workflow(png)
+    assert Image.open(png).size == (128, 160) and texts(used) == {"a linen shirt", "wrinkles"}
+    assert (sampler_inputs(used)["seed"], sampler_inputs(used)["cfg"]) == (77, 2)
+
+
+def test_the_example_jobs_file_fits_the_default_workflow():
+    result = run(COMMAND, "--jobs", REPO / "workflows" / "batch_example.csv", "--check", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 jobs, 5 images: all rows are valid" in result.stdout
+
+
+def test_resume_skips_jobs_done_before_whose_files_are_still_there(server, tmp_path):
+    rows = [{"prompt": "a vase", "seed": 1, "width": 64, "height": 64, "filename_prefix": "resume_vase"},
+            {"prompt": "a clock", "seed": 2, "width": 64, "height": 64, "steps": 51, "filename_prefix": "resume_clock"}]
+    jobs, out = tmp_path / "jobs.csv", tmp_path / "out"
+    args = ["--server", server.url, "--jobs", jobs, "--out", out, "--progress", "off", "--resume"]
+    write_csv(jobs, rows)
+    assert run(COMMAND, *args).returncode == 1                     # the clock is refused (steps over 50)
+    [vase] = [l for l in read_log(out / "log.jsonl") if l["status"] == "ok"]
+
+    rows[1]["steps"] = 8                                           # fixed: only the clock runs now
+    write_csv(jobs, rows)
+    ran = executions(server)
+    result = run(COMMAND, *args)
+    assert result.returncode == 0 and "1 jobs (1 done before, skipped), 1 ok" in result.stdout, result.stdout
+    assert executions(server, ran + 1) == ran + 1
+
+    Path(vase["files"][0]).unlink()                                # an image gone: that job runs again
+    result = run(COMMAND, *args)
+    assert result.returncode == 0 and "1 jobs (1 done before, skipped), 1 ok" in result.stdout, result.stdout
+    assert "jobs.csv line 3: done in an earlier run" in result.stderr
+    last = json.loads((out / "log.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    assert last["line"] == 2 and last["status"] == "ok" and last["files"] != vase["files"]
+    assert executions(server, ran + 2) == ran + 2
+
+
 class CutFirstPromptAnswer:
     """A TCP relay in front of the server that passes the first POST /prompt through, then cuts the connection
     before the answer reaches the client: the job is queued, but the client cannot know it."""
@@ -384,7 +488,7 @@ def test_nodes_are_found_by_class_not_by_id(tmp_path, name):
     assert (latent["width"], latent["height"], latent["batch_size"]) == (320, 160, 3)
     assert [n["inputs"]["filename_prefix"] for n in patched.values() if "filename_prefix" in n["inputs"]] == ["shop/mug"]
     assert values == {"prompt": "a mug", "negative": "blurry", "seed": 9, "steps": 6, "cfg": 1.5, "width": 320,
-                      "height": 160, "count": 3}
+                      "height": 160, "count": 3, "filename_prefix": "shop/mug"}
     assert workflow == renumbered(load_workflow(name)), "the template itself is left as it was"
 
 

@@ -6,6 +6,7 @@ longer knows (it restarted, or its queue was cleared) are sent again under the s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -38,20 +39,30 @@ class Flight:
 
 class Batch:
     def __init__(self, client: ComfyClient, template: Template, jobs: list[Job], out_dir: Path, log_path: Path,
-                 timeout: float = 600.0, depth: int = 2, progress: bool = True):
+                 timeout: float = 600.0, depth: int = 2, progress: bool = True, skip: set[str] = frozenset()):
         self.client, self.template, self.jobs = client, template, jobs
         self.out_dir, self.log_path = Path(out_dir), Path(log_path)
         self.timeout, self.depth = timeout, max(1, depth)
-        self.progress = progress
+        self.progress, self.skip = progress, skip
+        self.skipped = 0
         self.inflight: dict[str, Flight] = {}
         self.records: list[dict] = []
+        self.cancelled = False
         client.on_retry = lambda message: self.say(f"connection lost: {message}")
 
     def run(self) -> list[dict]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        pending = deque((job, *self.template.apply(job)) for job in self.jobs)
-        self.bar = tqdm(total=sum(job.count for job in self.jobs), unit="img", desc="zimage-batch",
+        pending = deque()
+        for job in self.jobs:
+            workflow, values = self.template.apply(job)
+            values["workflow_hash"] = digest(workflow)
+            if values["workflow_hash"] in self.skip:
+                self.skipped += 1
+                self.say(f"{job.where}: done in an earlier run (same workflow, files still there); skipped")
+            else:
+                pending.append((job, workflow, values))
+        self.bar = tqdm(total=sum(job.count for job, _, _ in pending), unit="img", desc="zimage-batch",
                         disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         try:
             # the socket opens first: messages for a prompt go only to sockets already open for this client_id
@@ -64,15 +75,23 @@ class Batch:
                     self.watch_timeouts()
         except ServerUnreachable as e:
             self.say(str(e))
-            for flight in list(self.inflight.values()):
-                self.record(flight.job, flight.values, flight.prompt_id, "failed", str(e))
-            for job, _, values in pending:
-                self.record(job, values, None, "failed", f"not sent: {e}")
-            self.inflight.clear()
+            self.give_up(pending, str(e))
+        except KeyboardInterrupt:
+            # the user stops the batch: its prompts stop too, rather than run on the server unseen
+            self.cancelled = True
+            self.client.cancel(list(self.inflight), patient=False)
+            self.give_up(pending, "cancelled (Ctrl-C)")
         finally:
             self.bar.close()
             self.client.close()
         return self.records
+
+    def give_up(self, pending: deque, why: str) -> None:
+        for flight in list(self.inflight.values()):
+            self.record(flight.job, flight.values, flight.prompt_id, "failed", why)
+        for job, _, values in pending:
+            self.record(job, values, None, "failed", f"not sent: {why}")
+        self.inflight.clear()
 
     # ---- sending and following ----
 
@@ -138,7 +157,7 @@ class Batch:
             if not flight.timed_out:
                 flight.timed_out = True
                 self.say(f"{flight.job.where}: running for more than {self.timeout:g} s; interrupting it")
-                self.client.interrupt(flight.prompt_id)
+                self.client.cancel([flight.prompt_id])
             elif now - flight.started > self.timeout + GRACE:
                 del self.inflight[flight.prompt_id]          # it ignores the interrupt: stop waiting for it
                 self.record(flight.job, flight.values, flight.prompt_id, "failed",
@@ -205,6 +224,28 @@ class Batch:
 
     def say(self, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
+
+
+def digest(workflow: dict) -> str:
+    """What a job sent, in 16 hex digits: the same row on the same template gives the same digest."""
+    text = json.dumps(workflow, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def done_in_log(path: Path) -> set[str]:
+    """The workflow digests of jobs an earlier run finished, where every file it saved is still there."""
+    done = set()
+    if not path.is_file():
+        return done
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue                     # a line cut short by a crash: that job is simply done again
+        if (isinstance(line, dict) and line.get("status") == "ok" and line.get("workflow_hash") and line.get("files")
+                and all(Path(f).is_file() for f in line["files"])):
+            done.add(line["workflow_hash"])
+    return done
 
 
 def run_seconds(messages: list) -> float | None:

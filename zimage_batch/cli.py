@@ -1,5 +1,5 @@
 """zimage-batch: the command line. Exit status 0 when every job made its images, 1 when any job failed,
-2 when the jobs file or the workflow is wrong (then nothing was sent)."""
+2 when the jobs file or the workflow is wrong (then nothing was sent), 130 when stopped with Ctrl-C."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .batch import Batch
+from .batch import Batch, done_in_log
 from .client import ComfyClient
 from .jobs import COLUMNS, JobsError, load_jobs
 from .workflow import Template, WorkflowError
@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="the progress bar on stderr; auto: only on a terminal")
+    p.add_argument("--resume", action="store_true",
+                   help="skip jobs the log records as done whose images are still there (same row, same workflow)")
     p.add_argument("--check", action="store_true", help="only check the jobs against the workflow; send nothing")
     return p
 
@@ -58,14 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     log = args.log or args.out / "log.jsonl"
     progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     started = time.monotonic()
-    records = Batch(ComfyClient(args.server, retries=args.retries), template, jobs, args.out, log,
-                    timeout=args.timeout, depth=args.depth, progress=progress).run()
+    batch = Batch(ComfyClient(args.server, retries=args.retries), template, jobs, args.out, log,
+                  timeout=args.timeout, depth=args.depth, progress=progress,
+                  skip=done_in_log(log) if args.resume else set())
+    records = batch.run()
     elapsed = time.monotonic() - started
     failed = [r for r in records if r["status"] != "ok"]
     images = sum(len(r["files"]) for r in records)
     rate = len(records) / elapsed * 60 if elapsed > 0 else 0.0
-    print(f"zimage-batch: {len(records)} jobs, {len(records) - len(failed)} ok, {len(failed)} failed; "
+    skipped = f" ({batch.skipped} done before, skipped)" if batch.skipped else ""
+    print(f"zimage-batch: {len(records)} jobs{skipped}, {len(records) - len(failed)} ok, {len(failed)} failed; "
           f"{images} images in {args.out}; log {log}; {elapsed:.1f} s ({rate:.1f} jobs/min)")
     for r in sorted(failed, key=lambda r: r["line"]):
         print(f"  FAILED {r['job']}: {r['error']}")
+    if batch.cancelled:
+        return 130                       # the shell's code for "stopped by Ctrl-C"
     return 1 if failed else 0

@@ -128,12 +128,20 @@ class ComfyClient:
             answer = r.text
         raise PromptRejected(r.status_code, answer)
 
-    def interrupt(self, prompt_id: str) -> None:
-        """Stop this prompt if it is running, and drop it if it is still waiting in the queue."""
-        self.retrying("POST /interrupt", lambda: self.session.post(
-            self.base + "/interrupt", json={"prompt_id": prompt_id}, timeout=HTTP_TIMEOUT))
-        self.retrying("POST /queue", lambda: self.session.post(
-            self.base + "/queue", json={"delete": [prompt_id]}, timeout=HTTP_TIMEOUT))
+    def cancel(self, prompt_ids: list[str], patient: bool = True) -> None:
+        """Drop these prompts from the queue, then stop the one running. In this order, so the server cannot
+        start a waiting one in between. Not patient (on Ctrl-C): one try each, the user wants the command back."""
+        calls = [lambda: self.session.post(self.base + "/queue", json={"delete": prompt_ids}, timeout=HTTP_TIMEOUT)]
+        calls += [lambda prompt_id=prompt_id: self.session.post(
+            self.base + "/interrupt", json={"prompt_id": prompt_id}, timeout=HTTP_TIMEOUT) for prompt_id in prompt_ids]
+        for call in calls:
+            if patient:
+                self.retrying("cancelling prompts", call)
+            else:
+                try:
+                    call()
+                except LOST:
+                    pass
 
     def download(self, image: dict, dest: Path) -> None:
         params = {"filename": image["filename"], "subfolder": image.get("subfolder", ""),

@@ -117,7 +117,7 @@ class Template:
         negative = wf[self.negative]["inputs"]["text"] if self.negative else None
         values = {"prompt": job.prompt, "negative": negative, "seed": sampler.get(seed_key),
                   "steps": sampler.get("steps"), "cfg": sampler.get("cfg"), "width": width, "height": height,
-                  "count": job.count}
+                  "count": job.count, "filename_prefix": wf[self.savers[0]]["inputs"].get("filename_prefix")}
         return wf, values
 
 
