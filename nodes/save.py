@@ -3,6 +3,7 @@ the chunk civitai, A1111/Forge "PNG Info" and exiftool read. The values come fro
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import PurePath
 
@@ -23,6 +24,7 @@ MODEL_FILES = {"ZImageTurboLoader": "unet_name", "ZImageTurboCheckpointLoader": 
                "UNETLoader": "unet_name"}
 VAE_FILES = {"ZImageTurboLoader": "vae_name", "VAELoader": "vae_name"}
 EMPTY_LATENTS = {"EmptyLatentImage", "EmptySD3LatentImage", "ZImageTurboSize"}
+log = logging.getLogger(__name__)
 MAX_WALK = 200          # nodes visited per search: a bound against odd graphs, far above any real workflow
 
 
@@ -227,9 +229,12 @@ class ZImageTurboSaveImage:
                                                                               width, height)
         try:
             info = generation_info(prompt, unique_id, (width, height))
+            parameters = a1111_parameters(info)
         except Exception:                                      # metadata must never cost the user the image
+            log.warning("Z-Image Turbo Save Image: could not read the parameters from the workflow; saving "
+                        "with the size only", exc_info=True)
             info = {"width": width, "height": height}
-        parameters = a1111_parameters(info)
+            parameters = a1111_parameters(info)
         results = []
         for index, image in enumerate(images):
             pixels = np.clip(image.cpu().numpy() * 255.0, 0, 255).astype(np.uint8)

@@ -2,6 +2,8 @@
 `workflow` chunks and gains an A1111 `parameters` chunk whose values come from the graph that made it."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import re
 import sys
@@ -10,7 +12,7 @@ import uuid
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree
+from conftest import REPO, comfyui_tree, import_comfy
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, execution_error, load_workflow, write_tiny_models  # noqa: E402
@@ -146,3 +148,73 @@ def test_a_graph_without_a_sampler_still_saves(server):
     assert prompt == "" and negative is None
     assert params == {"Size": "48x32", "Version": "ComfyUI"}
     assert "prompt" in text
+
+
+# ---- in-process: the graph reading on odd graphs, without a server -------------------------------------
+
+@pytest.fixture(scope="module")
+def save():
+    import_comfy()
+    if "zimage_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("zimage_pack", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["zimage_pack"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module("zimage_pack.nodes.save")
+
+
+def save_node_graph(**sampler_inputs) -> dict:
+    return {
+        "1": {"class_type": "ZImageTurboCheckpointLoader", "inputs": {"ckpt_name": "sub/my, model.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 832, "height": 1248, "batch_size": 1}},
+        "4": {"class_type": "ZImageTurboSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "latent_image": ["3", 0], "seed": 1, "steps": 8,
+            "cfg": 1.0, "shift": 3.0, "denoise": 0.6, **sampler_inputs}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}},
+        "6": {"class_type": "ZImageTurboSaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "x"}},
+    }
+
+
+@pytest.mark.parametrize("prompt", [None, {}, "not a graph", {"6": "not a node"},
+                                    {"6": {"class_type": "ZImageTurboSaveImage", "inputs": {"images": ["9", 0]}}},
+                                    {"6": {"class_type": "ZImageTurboSaveImage", "inputs": {"images": ["7", 0]}},
+                                     "7": {"class_type": "Loop", "inputs": {"a": ["8", 0]}},
+                                     "8": {"class_type": "Loop", "inputs": {"a": ["7", 0]}}}])
+def test_odd_graphs_give_the_image_size_only(save, prompt):
+    assert save.generation_info(prompt, "6", (64, 48)) == {"width": 64, "height": 48}
+    assert save.a1111_parameters({"width": 64, "height": 48}) == "\nSize: 64x48, Version: ComfyUI"
+
+
+def test_values_through_links_and_quoting(save):
+    graph = save_node_graph(seed=["7", 0])
+    graph["7"] = {"class_type": "PrimitiveInt", "inputs": {"value": 987654321}}
+    info = save.generation_info(graph, "6", (10, 10))
+    assert info["seed"] == 987654321 and (info["width"], info["height"]) == (832, 1248)
+    assert "negative" not in info                  # no negative connected: no line for it
+    text = save.a1111_parameters(info)
+    prompt, negative, params = parse_parameters(text)
+    assert prompt == "a cat" and negative is None
+    assert params["Model"] == "my, model" and params["Denoise"] == "0.6" and params["Seed"] == "987654321"
+    assert 'Model: "my, model"' in text              # a value holding a comma is quoted, as A1111 does
+
+
+def test_a_value_computed_by_another_node_is_left_out(save):
+    graph = save_node_graph(steps=["7", 0])
+    graph["7"] = {"class_type": "SomeMath", "inputs": {"a": ["3", 1], "b": ["3", 2]}}
+    info = save.generation_info(graph, "6", (10, 10))
+    assert "steps" not in info and info["seed"] == 1
+    assert "Steps:" not in save.a1111_parameters(info)
+
+
+def test_the_png_is_written_even_when_reading_the_graph_fails(save, tmp_path, monkeypatch):
+    import folder_paths
+    import torch
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(save, "generation_info", lambda *a: 1 / 0)
+    out = save.ZImageTurboSaveImage().save(torch.rand(1, 32, 48, 3), "fallback", prompt={"x": 1}, unique_id="6")
+    files = list(tmp_path.glob("fallback_*.png"))
+    assert len(files) == 1 and out["ui"]["images"][0]["filename"] == files[0].name
+    text = Image.open(files[0]).text
+    assert text["parameters"] == "\nSize: 48x32, Version: ComfyUI" and json.loads(text["prompt"]) == {"x": 1}
