@@ -218,3 +218,16 @@ def test_the_png_is_written_even_when_reading_the_graph_fails(save, tmp_path, mo
     assert len(files) == 1 and out["ui"]["images"][0]["filename"] == files[0].name
     text = Image.open(files[0]).text
     assert text["parameters"] == "\nSize: 48x32, Version: ComfyUI" and json.loads(text["prompt"]) == {"x": 1}
+
+
+def test_disable_metadata_writes_no_text_chunks(save, tmp_path, monkeypatch):
+    """--disable-metadata means none at all, ours included (people use it to keep prompts private)."""
+    import folder_paths
+    import torch
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(save.args, "disable_metadata", True)
+    out = save.ZImageTurboSaveImage().save(torch.rand(2, 16, 16, 3), "private", prompt=save_node_graph(),
+                                           extra_pnginfo={"workflow": {}}, unique_id="6")
+    files = sorted(tmp_path.glob("private_*.png"))
+    assert len(files) == 2 and all(Image.open(f).text == {} for f in files)
+    assert out["ui"]["zimage"][0]["steps"] == 8           # the canvas still gets the values
