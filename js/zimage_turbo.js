@@ -71,16 +71,6 @@ function addPresetCombo(node) {
                                  (value) => applyPreset(node, value),
                                  { values: [CUSTOM, ...PRESETS.map((p) => p.label)], serialize: false });
     combo.serialize = false;
-    for (const name of ["width", "height"]) {               // a hand-typed size shows "custom" again
-        const w = widget(node, name);
-        if (!w) continue;
-        const original = w.callback;
-        w.callback = function (...args) {
-            const result = original?.apply(this, args);
-            combo.value = matchingPreset(node);
-            return result;
-        };
-    }
     const size = node.computeSize?.();
     if (size && node.size && node.size[1] < size[1]) node.setSize?.([Math.max(node.size[0], size[0]), size[1]]);
 }
@@ -240,9 +230,12 @@ app.registerExtension({
                 drawTag(ctx, state(this).sizeText, 0, this.size[1] + 6, NOTE);
             });
         } else if (EMPTY_LATENTS.has(name)) {
-            chain(proto, "onConfigure", function () {
+            // The combo names the preset width/height match, or "custom", however they were set (typed,
+            // loaded from a workflow, changed by another extension): checked whenever the node is drawn.
+            chain(proto, "onDrawForeground", function () {
                 const combo = widget(this, PRESET_WIDGET);
-                if (combo) combo.value = matchingPreset(this);
+                const shown = combo && matchingPreset(this);
+                if (combo && combo.value !== shown) combo.value = shown;
             });
         }
     },

@@ -256,6 +256,7 @@ def test_queue_shows_the_image_and_the_seed_and_time(page, server):
     sampler_status = page.evaluate(f"() => {APP}.graph.getNodeById({sampler}).zimage.status")
     assert sampler_status.startswith("seed 12345 · 8 steps · "), sampler_status
 
+    assert widget_values(page, latent)["Z-Image size"] == "custom"     # 256×256 is no preset
     src = page.evaluate(f"() => {APP}.graph.getNodeById({save}).imgs[0].src")
     assert "Ecommerce_ZImage" in src and "type=output" in src
     natural = page.evaluate(f"() => [{APP}.graph.getNodeById({save}).imgs[0].naturalWidth, "
