@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
 
 from zimage_batch.jobs import JobsError, load_jobs  # noqa: E402
-from zimage_batch.workflow import Template, WorkflowError  # noqa: E402
+from zimage_batch.workflow import Template, WorkflowError, outside_limits  # noqa: E402
 
 BIN = REPO / ".runtime" / "venv" / "bin"
 COMMAND = [str(BIN / "zimage-batch")]
@@ -175,8 +175,7 @@ def test_bad_rows_are_all_named_and_nothing_is_sent(server, tmp_path):
 
 
 def test_jobs_failing_on_the_server_are_logged_and_the_others_still_run(server, tmp_path):
-    """A job the sampler refuses while running (cfg 2 with no negative connected) and one /prompt refuses
-    (steps over the turbo sampler's 50: HTTP 400, reported with ComfyUI's node_errors text)."""
+    """A job the sampler refuses while running: cfg 2 with no negative connected."""
     workflow = load_workflow("ecommerce_turbo_api.json")
     sampler = next(i for i, n in workflow.items() if n["class_type"] == "ZImageTurboSampler")
     negative = workflow[sampler]["inputs"].pop("negative")[0]
@@ -185,22 +184,53 @@ def test_jobs_failing_on_the_server_are_logged_and_the_others_still_run(server, 
     jobs = write_csv(tmp_path / "jobs.csv", [
         {"prompt": "first", "seed": 1, "width": 128, "height": 128, "filename_prefix": "fail_first"},
         {"prompt": "needs a negative", "seed": 2, "width": 128, "height": 128, "cfg": 2},
-        {"prompt": "too many steps", "seed": 3, "width": 128, "height": 128, "steps": 51},
         {"prompt": "last", "seed": 4, "width": 128, "height": 128, "filename_prefix": "fail_last"}])
     out = tmp_path / "out"
     result = run(COMMAND, "--server", server.url, "--workflow", tmp_path / "no_negative_api.json",
                  "--jobs", jobs, "--out", out, "--progress", "off")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "4 jobs, 2 ok, 2 failed" in result.stdout
-    first, cfg2, steps51, last = read_log(out / "log.jsonl")
-    assert [first["status"], cfg2["status"], steps51["status"], last["status"]] == ["ok", "failed", "failed", "ok"]
-    assert "ZImageTurboSampler" in cfg2["error"] and "negative" in cfg2["error"], cfg2["error"]
-    assert "refused" in steps51["error"] and f"ZImageTurboSampler #{sampler}: steps" in steps51["error"], \
-        steps51["error"]
-    assert "50" in steps51["error"] and not steps51["files"]
+    assert "3 jobs, 2 ok, 1 failed" in result.stdout
+    first, cfg2, last = read_log(out / "log.jsonl")
+    assert [first["status"], cfg2["status"], last["status"]] == ["ok", "failed", "ok"]
+    assert f"ZImageTurboSampler #{sampler}: cfg above 1 needs a negative" in cfg2["error"], cfg2["error"]
+    assert not cfg2["files"] and cfg2["seconds"] is not None
     assert f"FAILED jobs.csv line 3: {cfg2['error']}" in result.stdout
     for line in (first, last):
         assert len(line["files"]) == 1 and Image.open(line["files"][0]).size == (128, 128)
+
+
+def test_a_prompt_refused_by_the_server_is_reported_with_its_node_errors(server, tmp_path):
+    workflow = load_workflow("ecommerce_turbo_api.json")
+    loader = next(i for i, n in workflow.items() if n["class_type"] == "ZImageTurboCheckpointLoader")
+    workflow[loader]["inputs"]["ckpt_name"] = "no_such_model.safetensors"
+    (tmp_path / "missing_model_api.json").write_text(json.dumps(workflow))
+    jobs = write_csv(tmp_path / "jobs.csv", [{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}])
+    out = tmp_path / "out"
+    result = run(COMMAND, "--server", server.url, "--workflow", tmp_path / "missing_model_api.json",
+                 "--jobs", jobs, "--out", out, "--progress", "off")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = read_log(out / "log.jsonl")
+    assert [l["status"] for l in lines] == ["failed", "failed"]
+    for line in lines:
+        assert line["error"].startswith("/prompt refused it: Prompt outputs failed validation"), line["error"]
+        assert f"ZImageTurboCheckpointLoader #{loader}: ckpt_name: 'no_such_model.safetensors' not in" in line["error"]
+    assert "2 jobs, 0 ok, 2 failed" in result.stdout
+
+
+def test_rows_outside_the_servers_limits_are_named_before_anything_is_sent(server, tmp_path):
+    """The turbo sampler takes at most 50 steps and cfg from 1: the client reads that from /object_info."""
+    jobs = write_csv(tmp_path / "jobs.csv", [
+        {"prompt": "fine", "seed": 1, "width": 128, "height": 128},
+        {"prompt": "too many steps", "steps": 51},
+        {"prompt": "low cfg", "cfg": 0.5}])
+    before = history_ids(server)
+    out = tmp_path / "out"
+    result = run(COMMAND, "--server", server.url, "--jobs", jobs, "--out", out, "--progress", "off")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "nothing was sent" in result.stderr
+    assert "jobs.csv line 3, column 'steps': 51 is above ZImageTurboSampler's maximum steps of 50" in result.stderr
+    assert "jobs.csv line 4, column 'cfg': 0.5 is below ZImageTurboSampler's minimum cfg of 1" in result.stderr
+    assert history_ids(server) == before and not (out / "log.jsonl").exists()
 
 
 def test_a_job_over_the_timeout_is_interrupted_and_the_next_one_runs(server, tmp_path):
@@ -281,27 +311,27 @@ def test_the_example_jobs_file_fits_the_default_workflow():
 
 
 def test_resume_skips_jobs_done_before_whose_files_are_still_there(server, tmp_path):
-    rows = [{"prompt": "a vase", "seed": 1, "width": 64, "height": 64, "filename_prefix": "resume_vase"},
-            {"prompt": "a clock", "seed": 2, "width": 64, "height": 64, "steps": 51, "filename_prefix": "resume_clock"}]
+    vase = {"prompt": "a vase", "seed": 1, "width": 64, "height": 64, "filename_prefix": "resume_vase"}
+    clock = {"prompt": "a clock", "seed": 2, "width": 64, "height": 64, "filename_prefix": "resume_clock"}
     jobs, out = tmp_path / "jobs.csv", tmp_path / "out"
     args = ["--server", server.url, "--jobs", jobs, "--out", out, "--progress", "off", "--resume"]
-    write_csv(jobs, rows)
-    assert run(COMMAND, *args).returncode == 1                     # the clock is refused (steps over 50)
-    [vase] = [l for l in read_log(out / "log.jsonl") if l["status"] == "ok"]
+    write_csv(jobs, [vase])
+    assert run(COMMAND, *args).returncode == 0
+    [first] = read_log(out / "log.jsonl")
 
-    rows[1]["steps"] = 8                                           # fixed: only the clock runs now
-    write_csv(jobs, rows)
+    write_csv(jobs, [vase, clock])                               # a row added: only it runs
     ran = executions(server)
     result = run(COMMAND, *args)
     assert result.returncode == 0 and "1 jobs (1 done before, skipped), 1 ok" in result.stdout, result.stdout
+    assert "jobs.csv line 2: done in an earlier run" in result.stderr
     assert executions(server, ran + 1) == ran + 1
 
-    Path(vase["files"][0]).unlink()                                # an image gone: that job runs again
+    Path(first["files"][0]).unlink()                               # an image gone: that job runs again
     result = run(COMMAND, *args)
     assert result.returncode == 0 and "1 jobs (1 done before, skipped), 1 ok" in result.stdout, result.stdout
     assert "jobs.csv line 3: done in an earlier run" in result.stderr
     last = json.loads((out / "log.jsonl").read_text(encoding="utf-8").splitlines()[-1])
-    assert last["line"] == 2 and last["status"] == "ok" and last["files"] != vase["files"]
+    assert last["line"] == 2 and last["status"] == "ok" and last["files"] != first["files"]
     assert executions(server, ran + 2) == ran + 2
 
 
@@ -551,3 +581,17 @@ def test_jsonl_and_csv_row_errors_name_line_and_column(tmp_path):
     extra.write_text("prompt,seed\na,1,oops\n", encoding="utf-8")
     with pytest.raises(JobsError, match="extra.csv line 2: 3 cells for 2 columns"):
         load_jobs(extra)
+
+
+def test_limits_come_from_the_servers_node_specs(tmp_path):
+    template = Template.from_workflow(load_workflow("ecommerce_checkpoint_api.json"))
+    job = one_job(tmp_path, prompt="x", steps=30, width=64, height=64, count=5)
+    workflow, _ = template.apply(job)
+    info = {"KSampler": {"input": {"required": {"steps": ["INT", {"min": 1, "max": 20}], "seed": ["INT", {}]}}},
+            "EmptyLatentImage": {"input": {"required": {"batch_size": ["INT", {"min": 1, "max": 4}]}}}}
+    assert outside_limits(job, workflow, template.patched_nodes, info) == [
+        "one.csv line 2, column 'steps': 30 is above KSampler's maximum steps of 20",
+        "one.csv line 2, column 'count': 5 is above EmptyLatentImage's maximum batch_size of 4"]
+    del info["EmptyLatentImage"]
+    assert outside_limits(job, workflow, template.patched_nodes, info)[-1].startswith(
+        "the server has no node EmptyLatentImage")

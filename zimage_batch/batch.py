@@ -12,14 +12,14 @@ import sys
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
 from .client import LOST, ComfyClient, PromptRejected, ServerUnreachable
-from .jobs import Job
-from .workflow import Template
+from .jobs import Job, JobsError
+from .workflow import Template, outside_limits
 
 QUIET = 3.0          # seconds of WebSocket silence before the server is asked directly
 GRACE = 60.0         # after interrupting a job that ran past its timeout, how long to wait for it to stop
@@ -31,7 +31,6 @@ class Flight:
     workflow: dict
     values: dict
     prompt_id: str
-    submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     submissions: int = 1
     timed_out: bool = False
@@ -67,6 +66,7 @@ class Batch:
         try:
             # the socket opens first: messages for a prompt go only to sockets already open for this client_id
             self.client.connect(QUIET)
+            self.check_limits(pending)
             while pending or self.inflight:
                 while pending and len(self.inflight) < self.depth:
                     self.send(*pending.popleft())
@@ -86,6 +86,20 @@ class Batch:
             self.client.close()
         return self.records
 
+    def check_limits(self, pending: deque) -> None:
+        """Every job against the server's own input limits; JobsError (nothing sent) naming each bad row."""
+        classes = {self.template.workflow[n]["class_type"] for n in self.template.patched_nodes}
+        info = {}
+        for name in classes:
+            info.update(self.client.retrying("reading /object_info",
+                                             lambda name=name: self.client.get_json(f"/object_info/{name}")))
+        problems = []
+        for job, workflow, _ in pending:
+            problems += [p for p in outside_limits(job, workflow, self.template.patched_nodes, info)
+                         if p not in problems]
+        if problems:
+            raise JobsError(problems)
+
     def give_up(self, pending: deque, why: str) -> None:
         for flight in list(self.inflight.values()):
             self.record(flight.job, flight.values, flight.prompt_id, "failed", why)
@@ -97,12 +111,13 @@ class Batch:
 
     def send(self, job: Job, workflow: dict, values: dict) -> None:
         prompt_id = str(uuid.uuid4())
+        # in flight from before the POST: a Ctrl-C during it still cancels and logs the job
+        self.inflight[prompt_id] = Flight(job, workflow, values, prompt_id)
         try:
             self.client.submit(workflow, prompt_id)
         except PromptRejected as e:
+            del self.inflight[prompt_id]
             self.record(job, values, prompt_id, "failed", f"/prompt refused it: {e}")
-            return
-        self.inflight[prompt_id] = Flight(job, workflow, values, prompt_id)
 
     def follow(self) -> None:
         try:
@@ -170,7 +185,7 @@ class Batch:
         entry = self.client.history(prompt_id)
         if entry is None:
             return False
-        flight = self.inflight.pop(prompt_id)
+        flight = self.inflight[prompt_id]           # popped once logged: a Ctrl-C while downloading still logs it
         status = entry.get("status") or {}
         values = dict(flight.values, **self.reported(entry))
         seconds = run_seconds(status.get("messages") or [])
@@ -180,6 +195,7 @@ class Batch:
                 error = f"timed out after {self.timeout:g} s ({error})"
             self.record(flight.job, values, prompt_id, "failed", error, seconds=seconds,
                         submissions=flight.submissions)
+            del self.inflight[prompt_id]
             return True
         files = []
         for output in (entry.get("outputs") or {}).values():
@@ -191,6 +207,7 @@ class Batch:
         status_word, error = ("ok", None) if files else ("failed", "the workflow finished but saved no image")
         self.record(flight.job, values, prompt_id, status_word, error, seconds=seconds, files=files,
                     submissions=flight.submissions)
+        del self.inflight[prompt_id]
         return True
 
     def reported(self, entry: dict) -> dict:

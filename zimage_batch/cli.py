@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = Batch(ComfyClient(args.server, retries=args.retries), template, jobs, args.out, log,
                   timeout=args.timeout, depth=args.depth, progress=progress,
                   skip=done_in_log(log) if args.resume else set())
-    records = batch.run()
+    try:
+        records = batch.run()
+    except JobsError as e:                       # rows outside the server's own limits, found before sending
+        print(f"zimage-batch: nothing was sent; fix these first:\n{e}", file=sys.stderr)
+        return 2
     elapsed = time.monotonic() - started
     failed = [r for r in records if r["status"] != "ok"]
     images = sum(len(r["files"]) for r in records)

@@ -85,6 +85,10 @@ class Template:
                     f"from {', '.join(sorted(SIZED_LATENTS | {PRESET_LATENT}))}, so there is no size to set")
         return None
 
+    @property
+    def patched_nodes(self) -> list[str]:
+        return [self.sampler] + ([self.latent] if self.latent else [])
+
     def apply(self, job: Job) -> tuple[dict, dict]:
         """The workflow for this job, and the values it will run with (for the log)."""
         problem = self.check(job)
@@ -119,6 +123,39 @@ class Template:
                   "steps": sampler.get("steps"), "cfg": sampler.get("cfg"), "width": width, "height": height,
                   "count": job.count, "filename_prefix": wf[self.savers[0]]["inputs"].get("filename_prefix")}
         return wf, values
+
+
+# the inputs a job sets, and the column each comes from (for errors that name the column)
+COLUMN_OF = {"seed": "seed", "noise_seed": "seed", "steps": "steps", "cfg": "cfg", "width": "width",
+             "height": "height", "batch_size": "count"}
+
+
+def outside_limits(job: Job, workflow: dict, node_ids: list[str], object_info: dict) -> list[str]:
+    """The job's values outside the server's own min/max for those inputs (e.g. the turbo sampler's 50 steps),
+    read from /object_info, so such rows are named before anything is sent rather than refused one by one."""
+    problems = []
+    for node_id in node_ids:
+        node = workflow[node_id]
+        info = object_info.get(node["class_type"])
+        if info is None:
+            problems.append(f"the server has no node {node['class_type']} (node {node_id} of the workflow): "
+                            f"is the pack installed there?")
+            continue
+        specs = {**info.get("input", {}).get("required", {}), **info.get("input", {}).get("optional", {})}
+        for name, column in COLUMN_OF.items():
+            spec, value = specs.get(name), node["inputs"].get(name)
+            if not (isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict)) or is_link(value):
+                continue
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            low, high = spec[1].get("min"), spec[1].get("max")
+            if low is not None and value < low:
+                problems.append(f"{job.where}, column '{column}': {value} is below {node['class_type']}'s "
+                                f"minimum {name} of {low}")
+            elif high is not None and value > high:
+                problems.append(f"{job.where}, column '{column}': {value} is above {node['class_type']}'s "
+                                f"maximum {name} of {high}")
+    return problems
 
 
 def is_link(value) -> bool:
