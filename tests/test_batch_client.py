@@ -516,7 +516,8 @@ def test_nodes_are_found_by_class_not_by_id(tmp_path, name):
     assert patched[sampler["negative"][0]]["inputs"]["text"] == "blurry"
     latent = patched[sampler["latent_image"][0]]["inputs"]
     assert (latent["width"], latent["height"], latent["batch_size"]) == (320, 160, 3)
-    assert [n["inputs"]["filename_prefix"] for n in patched.values() if "filename_prefix" in n["inputs"]] == ["shop/mug"]
+    prefixes = [n["inputs"]["filename_prefix"] for n in patched.values() if "filename_prefix" in n["inputs"]]
+    assert prefixes == ["shop/mug"]
     assert values == {"prompt": "a mug", "negative": "blurry", "seed": 9, "steps": 6, "cfg": 1.5, "width": 320,
                       "height": 160, "count": 3, "filename_prefix": "shop/mug"}
     assert workflow == renumbered(load_workflow(name)), "the template itself is left as it was"
@@ -550,6 +551,14 @@ def test_templates_the_client_cannot_fill_are_refused(change, message):
         Template.from_workflow(workflow)
     with pytest.raises(WorkflowError, match="canvas format"):
         Template.from_workflow({"nodes": [], "links": []})
+
+
+def test_the_client_needs_neither_torch_nor_comfyui():
+    """Shops run it on any machine that reaches the server: importing it must not pull the engine in."""
+    code = ("import sys; sys.modules.update(torch=None, comfy=None, zimage_core=None); "
+            "import zimage_batch.cli, zimage_batch.batch, zimage_batch.client, zimage_batch.jobs, zimage_batch.workflow")
+    result = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def test_jsonl_and_csv_row_errors_name_line_and_column(tmp_path):

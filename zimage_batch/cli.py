@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds a job may run on the server before it is interrupted and failed (default %(default)s)")
     p.add_argument("--retries", type=int, default=10,
-                   help="reconnection tries, 0.5 s to 10 s apart, before the server counts as gone (default %(default)s)")
+                   help="reconnection tries, 0.5 s to 10 s apart, before the server counts as gone "
+                        "(default %(default)s)")
     p.add_argument("--queue-depth", "--concurrency", dest="depth", type=int, default=2,
                    help="jobs queued on the server at once; 2 keeps it busy while the last images download "
                         "(default %(default)s)")
