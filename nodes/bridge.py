@@ -26,6 +26,9 @@ from ..zimage_core.vae import AutoEncoder
 
 log = logging.getLogger("ZImageTurbo")
 TOKEN_KEY = "zimage_qwen3"
+# Prompts are kept whole, as ComfyUI keeps them (diffusers cuts at 512 tokens). The cap only keeps one pasted
+# book from taking the server's memory: the text encoder's attention grows with the square of the length.
+MAX_PROMPT_TOKENS = 4096
 
 
 # ---- MODEL ---------------------------------------------------------------------------------------------
@@ -101,6 +104,10 @@ class _TokenizerAdapter:
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         ids = self.tokenizer.encode(text)
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"text: the prompt is {len(ids)} tokens long, over this pack's limit of "
+                             f"{MAX_PROMPT_TOKENS}; shorten it (Z-Image-Turbo was trained on prompts of up to 512 "
+                             f"tokens, about 350 English words)")
         return {TOKEN_KEY: [[(i, 1.0, 0) if return_word_ids else (i, 1.0) for i in ids]]}
 
     def untokenize(self, token_weight_pair):

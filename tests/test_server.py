@@ -16,7 +16,8 @@ from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: 
 from ui_workflows import to_api  # noqa: E402
 
 PACK_NODES = ["ZImageTurboLoader", "ZImageTurboCheckpointLoader", "ZImageTurboDiffusersLoader",
-              "ZImageTurboSampler", "ZImageTurboVAEDecode", "ZImageTurboVAEEncode", "ZImageTurboSize"]
+              "ZImageTurboSampler", "ZImageTurboVAEDecode", "ZImageTurboVAEEncode", "ZImageTurboSize",
+              "ZImageTurboSaveImage"]
 WORKFLOWS = sorted(p.name for p in (REPO / "workflows").glob("*_api.json"))
 
 
