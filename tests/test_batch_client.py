@@ -234,15 +234,17 @@ def test_rows_outside_the_servers_limits_are_named_before_anything_is_sent(serve
 
 
 def test_a_job_over_the_timeout_is_interrupted_and_the_next_one_runs(server, tmp_path):
+    """The slow job needs far more than the timeout on any machine (1024x1024, 50 steps: tens of seconds on
+    CPU), the quick one far less (64x64, 1 step), so this holds on an idle or a loaded machine alike."""
     jobs = write_csv(tmp_path / "jobs.csv", [
-        {"prompt": "slow", "seed": 1, "width": 512, "height": 512, "steps": 50, "filename_prefix": "timeout_slow"},
-        {"prompt": "quick", "seed": 2, "width": 64, "height": 64, "filename_prefix": "timeout_quick"}])
+        {"prompt": "slow", "seed": 1, "width": 1024, "height": 1024, "steps": 50, "filename_prefix": "timeout_slow"},
+        {"prompt": "quick", "seed": 2, "width": 64, "height": 64, "steps": 1, "filename_prefix": "timeout_quick"}])
     out = tmp_path / "out"
     started = time.monotonic()
-    result = run(COMMAND, "--server", server.url, "--jobs", jobs, "--out", out, "--timeout", 8, "--progress", "off")
+    result = run(COMMAND, "--server", server.url, "--jobs", jobs, "--out", out, "--timeout", 4, "--progress", "off")
     assert result.returncode == 1, result.stdout + result.stderr
     slow, quick = read_log(out / "log.jsonl")
-    assert slow["status"] == "failed" and slow["error"].startswith("timed out after 8 s"), slow["error"]
+    assert slow["status"] == "failed" and slow["error"].startswith("timed out after 4 s"), slow["error"]
     assert "interrupted" in slow["error"] and not slow["files"] and not saved(server, "timeout_slow")
     assert quick["status"] == "ok" and len(saved(server, "timeout_quick")) == 1, result.stderr + server.log_tail(30)
     assert time.monotonic() - started < 90, "the slow job was not stopped"
@@ -250,7 +252,7 @@ def test_a_job_over_the_timeout_is_interrupted_and_the_next_one_runs(server, tmp
 
 def test_ctrl_c_stops_the_batch_and_its_prompts_on_the_server(server, tmp_path):
     jobs = write_csv(tmp_path / "jobs.csv", [
-        {"prompt": "slow", "seed": 1, "width": 512, "height": 512, "steps": 50, "filename_prefix": "cancel_slow"},
+        {"prompt": "slow", "seed": 1, "width": 1024, "height": 1024, "steps": 50, "filename_prefix": "cancel_slow"},
         {"prompt": "next", "seed": 2, "width": 64, "height": 64, "filename_prefix": "cancel_next"}])
     out = tmp_path / "out"
     client = subprocess.Popen([*COMMAND, "--server", server.url, "--jobs", str(jobs), "--out", str(out),
@@ -337,10 +339,13 @@ def test_resume_skips_jobs_done_before_whose_files_are_still_there(server, tmp_p
 
 class CutFirstPromptAnswer:
     """A TCP relay in front of the server that passes the first POST /prompt through, then cuts the connection
-    before the answer reaches the client: the job is queued, but the client cannot know it."""
+    before the answer reaches the client ("cut"), or answers 502 in its place as a proxy that lost the server
+    would ("gateway"): either way the job is queued, but the client cannot know it."""
 
-    def __init__(self, port: int):
-        self.target = port
+    BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    def __init__(self, port: int, mode: str = "cut"):
+        self.target, self.mode = port, mode
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.cut = 0
@@ -363,6 +368,8 @@ class CutFirstPromptAnswer:
                 if from_client and not self.cut and data.startswith(b"POST /prompt"):
                     self.cut, state["cutting"] = 1, True
                 if not from_client and state["cutting"]:
+                    if self.mode == "gateway":
+                        dst.sendall(self.BAD_GATEWAY)
                     break                                   # the server's answer: dropped with the connection
                 dst.sendall(data)
         except OSError:
@@ -379,12 +386,13 @@ class CutFirstPromptAnswer:
         self.listener.close()
 
 
-def test_a_cut_off_prompt_answer_does_not_send_the_job_twice(server, tmp_path):
-    relay = CutFirstPromptAnswer(server.port)
+@pytest.mark.parametrize("mode", ["cut", "gateway"])
+def test_a_lost_prompt_answer_does_not_send_the_job_twice(server, tmp_path, mode):
+    relay = CutFirstPromptAnswer(server.port, mode)
     try:
         jobs = write_csv(tmp_path / "jobs.csv", [
-            {"prompt": "a teapot", "seed": 7, "width": 128, "height": 128, "filename_prefix": "cut_teapot"},
-            {"prompt": "a kettle", "seed": 8, "width": 128, "height": 128, "filename_prefix": "cut_kettle"}])
+            {"prompt": "a teapot", "seed": 7, "width": 128, "height": 128, "filename_prefix": f"{mode}_teapot"},
+            {"prompt": "a kettle", "seed": 8, "width": 128, "height": 128, "filename_prefix": f"{mode}_kettle"}])
         before, ran = history_ids(server), executions(server)
         out = tmp_path / "out"
         result = run(COMMAND, "--server", relay.url, "--jobs", jobs, "--out", out, "--progress", "off")
@@ -397,7 +405,7 @@ def test_a_cut_off_prompt_answer_does_not_send_the_job_twice(server, tmp_path):
     assert [l["status"] for l in lines] == ["ok", "ok"]
     assert history_ids(server) - before == {l["prompt_id"] for l in lines}
     assert executions(server, ran + 2) - ran == 2, "a job was queued twice"
-    assert len(saved(server, "cut_teapot")) == len(saved(server, "cut_kettle")) == 1
+    assert len(saved(server, f"{mode}_teapot")) == len(saved(server, f"{mode}_kettle")) == 1
 
 
 def test_the_client_waits_for_a_server_that_starts_late(tmp_path_factory, tmp_path):
@@ -447,7 +455,7 @@ def test_a_server_restart_mid_run_loses_no_job_and_runs_none_twice(server, tmp_p
     it restarts the shared server."""
     jobs = write_csv(tmp_path / "jobs.csv", [
         {"prompt": "quick", "seed": 1, "width": 128, "height": 128, "filename_prefix": "restart_quick"},
-        {"prompt": "long", "seed": 2, "width": 384, "height": 384, "steps": 40, "filename_prefix": "restart_long"},
+        {"prompt": "long", "seed": 2, "width": 512, "height": 512, "steps": 40, "filename_prefix": "restart_long"},
         {"prompt": "queued", "seed": 3, "width": 128, "height": 128, "filename_prefix": "restart_queued"}])
     out = tmp_path / "out"
     log = out / "log.jsonl"
@@ -478,7 +486,7 @@ def test_a_server_restart_mid_run_loses_no_job_and_runs_none_twice(server, tmp_p
         assert executions(server, 2) == 2, "since the restart the server should have run the two lost jobs only"
         for name in ("restart_quick", "restart_long", "restart_queued"):
             assert len(saved(server, name)) == 1, f"{name}: {saved(server, name)}"
-        assert Image.open(long["files"][0]).size == (384, 384)
+        assert Image.open(long["files"][0]).size == (512, 512)
     finally:
         client.kill()
 

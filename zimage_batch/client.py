@@ -15,6 +15,7 @@ import requests
 import websocket
 
 HTTP_TIMEOUT = 30          # seconds for one HTTP exchange; a job's own run time is watched separately
+GATEWAY = (502, 503, 504)  # a proxy in front of ComfyUI answering while ComfyUI itself is down or restarting
 # a lost or refused connection, nothing else: an HTTP error answer is a real answer and is never retried
 LOST = (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError,
         websocket.WebSocketConnectionClosedException, websocket.WebSocketBadStatusException)
@@ -25,7 +26,8 @@ class ServerUnreachable(RuntimeError):
 
 
 class PromptRejected(RuntimeError):
-    """/prompt refused the workflow (HTTP 400): the message is ComfyUI's own, node by node."""
+    """/prompt refused the workflow (HTTP 400 or another answer that is not a gateway's): the message is
+    ComfyUI's own, node by node."""
 
     def __init__(self, status: int, body):
         self.status, self.body = status, body
@@ -74,6 +76,7 @@ class ComfyClient:
 
     def get_json(self, path: str, **params):
         r = self.session.get(self.base + path, params=params or None, timeout=HTTP_TIMEOUT)
+        gateway_check(r)
         r.raise_for_status()
         return r.json()
 
@@ -117,7 +120,7 @@ class ComfyClient:
             if not state["first"] and self.locate(prompt_id) is not None:
                 return None
             state["first"] = False
-            return self.session.post(self.base + "/prompt", json=body, timeout=HTTP_TIMEOUT)
+            return gateway_check(self.session.post(self.base + "/prompt", json=body, timeout=HTTP_TIMEOUT))
 
         r = self.retrying("POST /prompt", post)
         if r is None or r.status_code == 200:
@@ -149,6 +152,7 @@ class ComfyClient:
 
         def fetch():
             with self.session.get(self.base + "/view", params=params, stream=True, timeout=HTTP_TIMEOUT) as r:
+                gateway_check(r)
                 r.raise_for_status()
                 partial = dest.with_name(dest.name + ".part")     # a cut-off download never looks finished
                 with open(partial, "wb") as f:
@@ -194,6 +198,13 @@ class ComfyClient:
             except LOST:
                 pass
             self.ws = None
+
+
+def gateway_check(response: requests.Response) -> requests.Response:
+    """A gateway error counts as a lost connection (retried, and /prompt looked up first), not as an answer."""
+    if response.status_code in GATEWAY:
+        raise requests.ConnectionError(f"HTTP {response.status_code} from {response.url}")
+    return response
 
 
 def short(error: Exception) -> str:
