@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+# ZIMAGE_BENCH_RESULTS redirects the JSON files (the README test runs the benchmarks without adding results)
+RESULTS = Path(os.environ.get("ZIMAGE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 RUNTIME = REPO / ".runtime"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -280,12 +281,12 @@ def _plain(x):
 
 def write_result(name: str, data: dict, device: torch.device | str = "cpu") -> Path:
     """bench/results/<name>-<device>-<UTC date and time>.json, with the machine's description."""
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{name}-{device.type}-{stamp}.json"
     path.write_text(json.dumps({"machine": machine(device), **data}, indent=2, default=_plain))
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
     return path
 
 
