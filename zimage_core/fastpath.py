@@ -41,7 +41,8 @@ def configure(model: nn.Module, fast: FastPath = FAST) -> nn.Module:
         if isinstance(module, RMSNorm):
             module.fused = fast.fused_norm
         if hasattr(module, "complex_rope") and hasattr(module, "backend"):
-            module.complex_rope = fast.complex_rope
+            # inductor does not generate code for complex ops; compiled, the real-valued rotation fuses
+            module.complex_rope = fast.complex_rope and not fast.compile
             module.backend = fast.attention
     if fast.compile:
         compile_blocks(model)
