@@ -28,13 +28,14 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, version: str, base: Path, runtime: Path = RUNTIME):
+    def __init__(self, version: str, base: Path, runtime: Path = RUNTIME, extra_args: list[str] | None = None):
         self.tree = runtime / f"ComfyUI-{version}"
         self.python = runtime / "venv" / "bin" / "python"
         self.version, self.base = version, Path(base)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.extra_args = list(extra_args or [])     # e.g. --front-end-root, to serve another frontend
 
     @property
     def models(self) -> Path:
@@ -53,7 +54,8 @@ class ComfyServer:
             (nodes / PACK_NAME).symlink_to(REPO, target_is_directory=True)
         self.log_path = self.base / "server.log"
         cmd = [str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
+               *self.extra_args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.tree, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

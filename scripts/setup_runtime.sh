@@ -65,4 +65,16 @@ if ! step_done requirements-2; then
   mark requirements-2
 fi
 
+if ! step_done frontend-0.3.75; then
+  # ComfyUI 0.3.75 is served with the frontend it pins (the venv holds 0.30.0's newer one), unpacked
+  # from the wheel as a static folder for --front-end-root; the browser tests run against both.
+  fe=$(sed -n 's/^comfyui-frontend-package==\([^[:space:]]*\).*/\1/p' ComfyUI-0.3.75/requirements.txt)
+  [ -n "$fe" ] || { echo "no comfyui-frontend-package pin in ComfyUI-0.3.75/requirements.txt" >&2; exit 1; }
+  rm -rf dl/fe frontend-0.3.75
+  "$V/pip" download -q --no-deps -d dl/fe "comfyui-frontend-package==$fe"
+  (cd dl/fe && "$PY" -m zipfile -e comfyui_frontend_package-"$fe"-*.whl x)
+  mv dl/fe/x/comfyui_frontend_package/static frontend-0.3.75
+  mark frontend-0.3.75
+fi
+
 "$V/python" -c "import torch, torchvision, torchaudio, diffusers, transformers; print('runtime ready:', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"

@@ -1,12 +1,14 @@
 """The canvas extension (js/zimage_turbo.js) in ComfyUI's real frontend, in headless Chromium, against a real
-ComfyUI 0.30.0 running the pack on tiny random weights.
+ComfyUI running the pack on tiny random weights: 0.30.0 with the frontend in the venv (the one it pins), and
+0.3.75 with the older frontend it pins, which scripts/setup_runtime.sh unpacks to .runtime/frontend-0.3.75.
 
-Every test saves a screenshot to output/browser/ (git-ignored) so a person can see what the assertions saw.
+Every test saves a screenshot to output/browser/VERSION/ (git-ignored) so a person can see what the assertions saw.
 Chromium comes from Debian (scripts/setup_browser.sh); without it these tests skip and say so.
 """
 from __future__ import annotations
 
 import io
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree
+from conftest import REPO, RUNTIME, comfyui_tree
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
@@ -34,15 +36,29 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason=f"no Chromium at {CHROMIUM}: run scripts/setup_browser.sh (Debian's chromium)")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    comfyui_tree("0.30.0")
-    base = tmp_path_factory.mktemp("browser")
+# The venv's comfyui_frontend_package is the one 0.30.0 pins; other versions get theirs with --front-end-root.
+FRONTENDS = {"0.3.75": RUNTIME / "frontend-0.3.75"}
+
+
+@pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
+def server(request, tmp_path_factory):
+    version = request.param
+    tree = comfyui_tree(version)
+    extra = []
+    if version in FRONTENDS:
+        root = FRONTENDS[version]
+        if not (root / "index.html").is_file():
+            pytest.skip(f"no frontend for ComfyUI {version} at {root}: run scripts/setup_runtime.sh")
+        extra = ["--front-end-root", str(root)]
+    base = tmp_path_factory.mktemp(f"browser-{version}")
     write_tiny_models(base / "models")
-    with ComfyServer("0.30.0", base) as srv:
+    with ComfyServer(version, base, extra_args=extra) as srv:
         # A returning user: no first-run template browser over the canvas.
         status, _ = srv.post("/settings/Comfy.TutorialCompleted", True)
         assert status == 200
+        # Which frontend the page must report: the one this tree's requirements.txt pins.
+        srv.frontend = re.search(r"^comfyui-frontend-package==(\S+)", (tree / "requirements.txt").read_text(),
+                                 re.M).group(1)
         yield srv
 
 
@@ -71,10 +87,13 @@ def page(server, browser, request):
     # a workflow loaded before that would be replaced by it.
     page.wait_for_function(f"() => LiteGraph.registered_node_types.ZImageTurboSaveImage && {APP}.graph.nodes.length",
                            timeout=60_000)
+    # the tests mean something for this ComfyUI only with the frontend it was released with
+    assert page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == server.frontend
     page.errors = errors
     yield page
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{request.node.name}.png"))    # what the test ended on
+    shots = SHOTS / server.version                                  # one folder per ComfyUI version
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / f"{request.node.originalname}.png"))    # what the test ended on
     context.close()
     ours = [e for e in errors if "zimage" in e.lower() or "z-image" in e.lower()]
     assert not ours, f"errors from the extension: {ours}"
