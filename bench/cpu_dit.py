@@ -91,7 +91,6 @@ def profile_forward(fn, top: int = 15) -> list[dict]:
 
 def twin(model: ZImageDiT) -> ZImageDiT:
     """A second DiT over the same tensors (for the plain path next to the fast one)."""
-    from common import share_weights
     with torch.device("meta"):
         other = ZImageDiT(model.cfg)
     return share_weights(other, model)

@@ -6,7 +6,6 @@ Only the standard library; every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

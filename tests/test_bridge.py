@@ -2,13 +2,10 @@
 also when ComfyUI streams weights (its low-VRAM cast path)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
-from conftest import REPO, import_comfy, rel_err
+from conftest import import_pack, rel_err
 from zimage_core.config import TINY
 from zimage_core.dit import ZImageDiT
 from zimage_core.synthetic import random_state_dict
@@ -16,14 +13,7 @@ from zimage_core.synthetic import random_state_dict
 
 @pytest.fixture(scope="module")
 def bridge():
-    import_comfy()
-    if "zimage_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("zimage_pack", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["zimage_pack"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("zimage_pack.nodes.bridge")
+    return import_pack("nodes.bridge")
 
 
 def test_every_linear_is_comfyui_castable(bridge):

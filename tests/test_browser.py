@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +155,7 @@ def redraw(page) -> None:
 # ---- tests ---------------------------------------------------------------------------------------------
 
 def test_pack_nodes_are_registered_and_found_by_the_node_search(page):
-    registered = page.evaluate(f"""() => Object.fromEntries(Object.keys(LiteGraph.registered_node_types)
+    registered = page.evaluate("""() => Object.fromEntries(Object.keys(LiteGraph.registered_node_types)
         .filter(t => t.startsWith('ZImageTurbo')).map(t => [t, LiteGraph.registered_node_types[t].title]))""")
     for node_type, title in PACK_NODES.items():
         assert registered.get(node_type) == title, (node_type, registered)

@@ -5,34 +5,24 @@ one exercised here."""
 from __future__ import annotations
 
 import gc
-import importlib
-import importlib.util
-import sys
 import weakref
 
 import pytest
 import torch
 
-from conftest import REPO, import_comfy
+from conftest import import_pack
 from zimage_core import synthetic
 from zimage_core.config import TINY
 
 
 @pytest.fixture(scope="module")
 def pack():
-    import_comfy()
-    if "zimage_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("zimage_pack", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["zimage_pack"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("zimage_pack.nodes")
+    return import_pack("nodes")
 
 
 @pytest.fixture
 def guard(pack):
-    return importlib.import_module("zimage_pack.nodes.guard")
+    return import_pack("nodes.guard")
 
 
 @pytest.fixture
@@ -95,7 +85,7 @@ def test_other_errors_pass_through_untouched_and_release_nothing(guard, released
 
 @pytest.fixture(scope="module")
 def parts(pack, tmp_path_factory):
-    loaders = importlib.import_module("zimage_pack.nodes.loaders")
+    loaders = import_pack("nodes.loaders")
     files = synthetic.write_split_files(tmp_path_factory.mktemp("models"))
     return loaders.load_parts(files.dit, files.text_encoder, files.vae, "fp32")
 

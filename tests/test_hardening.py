@@ -11,7 +11,6 @@ special-token / 700-character prompts.
 """
 from __future__ import annotations
 
-import copy
 import math
 import pickle
 import sys

@@ -2,8 +2,6 @@
 `workflow` chunks and gains an A1111 `parameters` chunk whose values come from the graph that made it."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import re
 import sys
@@ -12,7 +10,7 @@ import uuid
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree, import_comfy
+from conftest import REPO, comfyui_tree, import_pack
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, execution_error, load_workflow, write_tiny_models  # noqa: E402
@@ -154,14 +152,7 @@ def test_a_graph_without_a_sampler_still_saves(server):
 
 @pytest.fixture(scope="module")
 def save():
-    import_comfy()
-    if "zimage_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("zimage_pack", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["zimage_pack"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("zimage_pack.nodes.save")
+    return import_pack("nodes.save")
 
 
 def save_node_graph(**sampler_inputs) -> dict:

@@ -1,7 +1,6 @@
 """The pack inside a real ComfyUI server (0.30.0 and 0.3.75), driven over HTTP as a user's client would."""
 from __future__ import annotations
 
-import copy
 import sys
 import time
 

@@ -83,16 +83,14 @@ class TransformerBlock(nn.Module):
     def forward_fp16(self, x: Tensor, rope: RopeTable, key_mask: Tensor | None, c: Tensor | None) -> Tensor:
         """An fp16 model's block: the residual stream and every elementwise op in fp32, the matmuls in fp16 on
         power-of-two scaled inputs. fp16's range (65504) is what the stream and the FFN product outgrow."""
-        ones = torch.ones((), device=x.device)
-        scale_msa = gate_msa = scale_mlp = gate_mlp = None
+        scale_attn = gate_attn = scale_ffn = gate_ffn = 1.0          # unmodulated (context refiner) blocks
         if c is not None:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).float()[:, None].chunk(4, dim=-1)
-        h = self.attention_norm1(x) * (1 + scale_msa if c is not None else ones)
-        attn = self.attention_norm2(self.attention.forward_fp16(h, rope, key_mask))
-        x = x + (gate_msa.tanh() * attn if c is not None else attn)
-        h = self.ffn_norm1(x) * (1 + scale_mlp if c is not None else ones)
-        ffn = self.ffn_norm2(self.feed_forward.forward_fp16(h))
-        return x + (gate_mlp.tanh() * ffn if c is not None else ffn)
+            scale_attn, gate_attn, scale_ffn, gate_ffn = 1 + scale_msa, gate_msa.tanh(), 1 + scale_mlp, gate_mlp.tanh()
+        attn = self.attention.forward_fp16(self.attention_norm1(x) * scale_attn, rope, key_mask)
+        x = x + gate_attn * self.attention_norm2(attn)
+        ffn = self.feed_forward.forward_fp16(self.ffn_norm1(x) * scale_ffn)
+        return x + gate_ffn * self.ffn_norm2(ffn)
 
 
 class TimestepEmbedder(nn.Module):

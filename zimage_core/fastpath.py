@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .dit import Attention
 from .layers import ATTENTION_CHOICES, RMSNorm
 
 
@@ -40,7 +41,7 @@ def configure(model: nn.Module, fast: FastPath = FAST) -> nn.Module:
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.fused = fast.fused_norm
-        if hasattr(module, "complex_rope") and hasattr(module, "backend"):
+        if isinstance(module, Attention):
             # inductor does not generate code for complex ops; compiled, the real-valued rotation fuses
             module.complex_rope = fast.complex_rope and not fast.compile
             module.backend = fast.attention

@@ -43,5 +43,6 @@ def choose_dtypes(device: str | torch.device = "cpu", requested: str = "auto") -
         raise ValueError(f"weight dtype must be 'auto', '{FP8_NAME}' or one of {', '.join(NAMED)}, "
                          f"got '{requested}'")
     # fp16: only the DiT has the overflow guard; the text encoder and the VAE run fp32
-    wide = torch.bfloat16 if main == torch.bfloat16 else torch.float32
-    return PartDtypes(dit=main, text_encoder=main if main != torch.float16 else wide, vae=wide)
+    text_encoder = torch.float32 if main == torch.float16 else main
+    vae = torch.bfloat16 if main == torch.bfloat16 else torch.float32
+    return PartDtypes(dit=main, text_encoder=text_encoder, vae=vae)

@@ -20,18 +20,28 @@ class CastLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
+def block_linears(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Linear]]:
+    """The block attention and FFN Linears, as (parent, attribute name, full name, module)."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if isinstance(child, nn.Linear) and name.startswith(BLOCKS) and name.endswith(QUANTISED):
+                found.append((parent, attr, name, child))
+    return found
+
+
 def store_blocks_in_fp8(model: nn.Module) -> list[nn.Linear]:
     """Store the block attention and FFN Linear weights in fp8; returns those modules.
 
     Plain nn.Linears become CastLinears. A Linear subclass is left as it is: it must cast by itself (the
     ComfyUI adapter's Linears do, once told to)."""
     done = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith(BLOCKS) and name.endswith(QUANTISED):
-            module.weight = nn.Parameter(module.weight.detach().to(FP8), requires_grad=False)
-            if type(module) is nn.Linear:
-                module.__class__ = CastLinear
-            done.append(module)
+    for _, _, _, module in block_linears(model):
+        module.weight = nn.Parameter(module.weight.detach().to(FP8), requires_grad=False)
+        if type(module) is nn.Linear:
+            module.__class__ = CastLinear
+        done.append(module)
     return done
 
 
@@ -88,10 +98,7 @@ def use_fp8_matmul(model: nn.Module) -> list[str]:
         store_blocks_in_fp8(model)
         return []
     done = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and full.startswith(BLOCKS) and full.endswith(QUANTISED):
-                setattr(module, child_name, ScaledFP8Linear(child, mode))
-                done.append(full)
+    for parent, attr, name, linear in block_linears(model):
+        setattr(parent, attr, ScaledFP8Linear(linear, mode))
+        done.append(name)
     return done
