@@ -179,7 +179,9 @@ def materialise_random(factory: Callable[[], nn.Module], device, dtype: torch.dt
 
 
 def comfyui_tree(version: str = "0.30.0") -> Path:
-    tree = RUNTIME / f"ComfyUI-{version}"
+    """Core ComfyUI's source tree: the runtime's, or ZIMAGE_COMFYUI_TREE (the copy scripts/device_bundle.sh
+    packs for a lent GPU machine, which has no runtime)."""
+    tree = Path(os.environ.get("ZIMAGE_COMFYUI_TREE") or RUNTIME / f"ComfyUI-{version}")
     if not (tree / "comfy").is_dir():
         raise SystemExit(f"ComfyUI {version} is not installed at {tree}: run scripts/setup_runtime.sh")
     return tree
@@ -268,6 +270,11 @@ def machine(device: torch.device | str | None = None) -> dict:
         info["diffusers"] = diffusers.__version__
     except ImportError:
         pass
+    ck = sys.modules.get("comfy_kitchen")        # core ComfyUI's fused kernels: which backends it had matters
+    if ck is not None and hasattr(ck, "list_backends"):
+        info["comfy_kitchen_backends"] = {
+            name: {k: state.get(k) for k in ("available", "disabled", "unavailable_reason")}
+            if isinstance(state, dict) else str(state) for name, state in ck.list_backends().items()}
     return info
 
 
