@@ -19,6 +19,7 @@ import comfy.sd
 import comfy.supported_models
 import comfy.supported_models_base
 
+from ..zimage_core import quant
 from ..zimage_core.dit import ZImageDiT
 from ..zimage_core.text_encoder import Qwen3Encoder
 from ..zimage_core.tokenizer import PromptTokenizer
@@ -66,6 +67,51 @@ def use_comfy_linears(root: torch.nn.Module) -> None:
                 setattr(module, name, comfy.ops.disable_weight_init.Linear(
                     child.in_features, child.out_features, bias=child.bias is not None,
                     device=child.weight.device, dtype=child.weight.dtype))
+
+
+class FP8MatmulLinear(comfy.ops.disable_weight_init.Linear):
+    """A block Linear with an fp8 weight that is multiplied in fp8 (quant.fp8_matmul: activations scaled per
+    token, the weight as stored) where that is safe and fast: the weight resident on a GPU with fp8 units, no
+    LoRA applied at cast time, no bias. Anywhere else (CPU, older GPUs, ComfyUI's low-VRAM streaming, LoRA
+    patches) ComfyUI's own cast path runs, as for plain fp8 weights. The weight's key and dtype are those of
+    fp8_e4m3fn storage, so ComfyUI saves, patches and offloads it as any fp8 Linear."""
+
+    _failed = False                              # once a GPU refuses the fp8 product, stop asking (logged once)
+
+    def forward_comfy_cast_weights(self, input):
+        mode = self.fp8_matmul_mode(input)
+        if mode is not None:
+            try:
+                return quant.fp8_matmul(input, self.weight, self.unit_scale(input.device, mode),
+                                        rowwise=mode == "rowwise")
+            except RuntimeError as e:
+                FP8MatmulLinear._failed = True
+                log.warning("Z-Image Turbo: fp8 matmul failed on %s (%s); using fp8 weights with %s matmuls",
+                            input.device, e, input.dtype)
+        return super().forward_comfy_cast_weights(input)
+
+    def fp8_matmul_mode(self, input: Tensor) -> str | None:
+        """quant.scaled_mm_support's mode for this call, or None where the cast path must run."""
+        w = self.weight
+        if (FP8MatmulLinear._failed or w.dtype != quant.FP8 or w.device != input.device or self.bias is not None
+                or self.weight_function or self.bias_function or input.dtype not in (torch.bfloat16, torch.float16)
+                or w.shape[0] % 16 or w.shape[1] % 16):          # the fp8 GEMM's tile constraint
+            return None
+        return quant.scaled_mm_support(input.device)
+
+    def unit_scale(self, device: torch.device, mode: str) -> Tensor:
+        """The weight's scale: 1 (per channel, or one), as fp8_e4m3fn files store the weights unscaled."""
+        shape = (1, self.out_features) if mode == "rowwise" else ()
+        scale = getattr(self, "_unit_scale", None)
+        if scale is None or scale.device != device or scale.shape != shape:
+            scale = self._unit_scale = torch.ones(shape, device=device, dtype=torch.float32)
+        return scale
+
+
+def use_fp8_matmul_linears(linears) -> None:
+    """Let ComfyUI Linears already holding fp8 block weights multiply in fp8 where they can."""
+    for linear in linears:
+        linear.__class__ = FP8MatmulLinear
 
 
 def captions_from_context(context: Tensor, num_tokens=None, attention_mask=None) -> list[Tensor]:

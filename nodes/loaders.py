@@ -9,16 +9,17 @@ import folder_paths
 
 from ..zimage_core.errors import ZImageError
 from ..zimage_core.loading import load_dit, load_text_encoder, load_vae
-from ..zimage_core.precision import FP8_NAME, NAMED, choose_dtypes
+from ..zimage_core.precision import FP8_FAST_NAME, FP8_NAME, NAMED, choose_dtypes
 from ..zimage_core.quant import store_blocks_in_fp8
 from ..zimage_core.tokenizer import PromptTokenizer
 from . import bridge
 
 CATEGORY = "Z-Image Turbo"
-DTYPES = ["auto", *NAMED, FP8_NAME]
+DTYPES = ["auto", *NAMED, FP8_NAME, FP8_FAST_NAME]
 DTYPE_TIP = ("Precision of the diffusion model and text encoder. auto: bf16 on GPUs that have it, else fp32. "
              "fp8_e4m3fn stores the diffusion model's blocks in fp8 (half the memory, slightly less exact). "
-             "The VAE never runs in fp16.")
+             "fp8_e4m3fn_fast also multiplies them in fp8 on GPUs with fp8 units (RTX 40xx/50xx, L4, H100): "
+             "faster, a little less exact again; elsewhere it is fp8_e4m3fn. The VAE never runs in fp16.")
 
 
 def comfy_tokenizer_dir() -> Path:
@@ -41,8 +42,11 @@ def load_parts(dit_path, te_path, vae_path, weight_dtype: str, tokenizer_dir: Pa
     offload = mm.unet_offload_device()
     dit, r1 = named(inputs[0], load_dit, dit_path, dtypes.dit, offload, model_cls=bridge.ComfyZImageDiT)
     if dtypes.dit_fp8:
-        for linear in store_blocks_in_fp8(dit):
+        linears = store_blocks_in_fp8(dit)
+        for linear in linears:
             linear.comfy_cast_weights = True        # ComfyUI's Linear then casts fp8 to the activation dtype
+        if dtypes.dit_fp8_matmul:
+            bridge.use_fp8_matmul_linears(linears)
     te, r2 = named(inputs[1], load_text_encoder, te_path, dtypes.text_encoder, offload)
     ae, r3 = named(inputs[2], load_vae, vae_path, dtypes.vae, offload)
     for report in (r1, r2, r3):

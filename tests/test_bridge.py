@@ -54,3 +54,65 @@ def test_overlong_prompt_is_refused_with_the_limit(bridge):
     assert len(ok[bridge.TOKEN_KEY][0]) > 600
     with pytest.raises(ValueError, match=r"text: the prompt is \d+ tokens long, over this pack's limit of 4096"):
         adapter.tokenize_with_weights("word " * 5000)
+
+
+# ---- fp8_e4m3fn_fast: fp8 matmul inside ComfyUI's Linear -----------------------------------------------------
+
+def fp8_linear_pair(bridge, seed=0):
+    """A ComfyUI Linear holding an fp8 block weight (as fp8_e4m3fn loads it) and its fp8-matmul twin."""
+    import comfy.ops
+    torch.manual_seed(seed)
+    plain = comfy.ops.disable_weight_init.Linear(64, 48, bias=False)
+    plain.weight = torch.nn.Parameter((torch.randn(48, 64) * 0.5).to(torch.float8_e4m3fn), requires_grad=False)
+    plain.comfy_cast_weights = True
+    fast = comfy.ops.disable_weight_init.Linear(64, 48, bias=False)
+    fast.weight, fast.comfy_cast_weights = plain.weight, True
+    bridge.use_fp8_matmul_linears([fast])
+    return plain, fast
+
+
+def test_fp8_fast_linear_is_the_cast_path_where_there_is_no_fp8_matmul(bridge):
+    """On this CPU (and on GPUs without fp8 units) fp8_e4m3fn_fast computes exactly what fp8_e4m3fn does."""
+    plain, fast = fp8_linear_pair(bridge)
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    assert type(fast) is bridge.FP8MatmulLinear and fast.fp8_matmul_mode(x) is None
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_fp8_fast_linear_multiplies_in_fp8(bridge, monkeypatch):
+    """Where fp8 matmul is granted, the product is the fp8 one: the activations quantised (per tensor with the
+    CPU build's kernel, forced here; per token on Ada/Hopper), the stored fp8 weight as it is."""
+    quant = bridge.quant                          # the pack's own copy of the module (imported as ComfyUI does)
+    plain, fast = fp8_linear_pair(bridge, seed=1)
+    monkeypatch.setattr(quant, "scaled_mm_support", lambda device: "tensor")
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = fast(x)
+        reference = plain(x)                                        # bf16 activations x the same fp8 weight
+    q, s = quant.quantize(x.reshape(-1, 64), rowwise=False)
+    emulated = ((q.float() * s) @ fast.weight.float().t()).reshape(2, 32, 48)
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    assert rel_err(out.float(), emulated)[1] <= 1e-2                 # it is the fp8 x fp8 product (bf16 out)
+    assert 0 < rel_err(out.float(), reference.float())[1] <= 0.1     # within fp8's rounding of the activations
+    fast.weight_function = [lambda w: w]                            # a LoRA applied at cast time: cast path
+    assert fast.fp8_matmul_mode(x) is None
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_fp8_fast_linear_falls_back_once_when_the_gpu_refuses(bridge, monkeypatch, caplog):
+    quant = bridge.quant
+    plain, fast = fp8_linear_pair(bridge, seed=2)
+    monkeypatch.setattr(quant, "scaled_mm_support", lambda device: "rowwise")
+    monkeypatch.setattr(bridge.FP8MatmulLinear, "_failed", False)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+    monkeypatch.setattr(quant, "fp8_matmul", refuse)
+    x = torch.randn(1, 16, 64, dtype=torch.bfloat16)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        assert torch.equal(fast(x), plain(x))
+        assert torch.equal(fast(x), plain(x))
+    assert bridge.FP8MatmulLinear._failed
+    assert sum("fp8 matmul failed" in r.getMessage() for r in caplog.records) == 1

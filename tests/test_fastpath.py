@@ -227,7 +227,7 @@ def test_fp8_matmul_dit_close_to_weight_only_fp8_and_sensitive_layers_kept():
         reference = model(x, t, caps)
         quant.store_blocks_in_fp8(weight_only)
         stored = weight_only(x, t, caps)
-        converted = quant.use_fp8_matmul(model)
+        converted = quant.use_fp8_matmul(model, mode="tensor")     # the CPU build's kernel, per tensor
         out = model(x, t, caps)
     assert len(converted) == 5 * (TINY.n_layers + TINY.n_noise_refiner + TINY.n_context_refiner)
     assert isinstance(model.layers[0].attention.qkv, quant.ScaledFP8Linear)
@@ -241,7 +241,11 @@ def test_fp8_matmul_dit_close_to_weight_only_fp8_and_sensitive_layers_kept():
 
 
 def test_fp8_matmul_falls_back_to_weight_only_without_support(monkeypatch):
-    monkeypatch.setattr(quant, "scaled_mm_support", lambda device: None)
+    assert quant.scaled_mm_support(torch.device("cpu")) is None        # CPU: weight-only (its kernel is slow)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert quant.scaled_mm_support(torch.device("cuda")) is None        # Ampere: no fp8 units
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert quant.scaled_mm_support(torch.device("cuda")) == "rowwise"
     model = tiny_dit(seed=6)
     assert quant.use_fp8_matmul(model) == []
     assert type(model.layers[0].feed_forward.w1) is quant.CastLinear

@@ -100,6 +100,9 @@ def test_precision_policy():
     assert choose_dtypes("cpu", "bf16").vae == torch.bfloat16
     fp8 = choose_dtypes("cpu", "fp8_e4m3fn")
     assert fp8.dit_fp8 and fp8.dit == torch.float32 and fp8.text_encoder == torch.float32
+    assert not fp8.dit_fp8_matmul
+    fast = choose_dtypes("cpu", "fp8_e4m3fn_fast")
+    assert fast.dit_fp8 and fast.dit_fp8_matmul and fast.dit == torch.float32
     with pytest.raises(ValueError, match="weight dtype must be"):
         choose_dtypes("cpu", "int4")
 

@@ -13,6 +13,7 @@ import torch
 
 NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_NAME = "fp8_e4m3fn"
+FP8_FAST_NAME = "fp8_e4m3fn_fast"      # core ComfyUI's name for fp8 weights with fp8 matmul
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class PartDtypes:
     text_encoder: torch.dtype
     vae: torch.dtype
     dit_fp8: bool = False          # store the DiT's block weights in fp8 (quant.store_blocks_in_fp8)
+    dit_fp8_matmul: bool = False   # and multiply them in fp8 where the GPU can (quant.fp8_matmul)
 
 
 def has_bf16(device: torch.device) -> bool:
@@ -29,18 +31,20 @@ def has_bf16(device: torch.device) -> bool:
 
 
 def choose_dtypes(device: str | torch.device = "cpu", requested: str = "auto") -> PartDtypes:
-    """requested: 'auto', 'fp8_e4m3fn' or one of NAMED for the DiT and text encoder; the VAE follows the safe
-    rule. fp8 stores the DiT blocks in fp8 and computes in what 'auto' picks; the text encoder is not fp8."""
+    """requested: 'auto', 'fp8_e4m3fn', 'fp8_e4m3fn_fast' or one of NAMED for the DiT and text encoder; the VAE
+    follows the safe rule. fp8 stores the DiT blocks in fp8 and computes in what 'auto' picks; _fast also asks
+    for fp8 matmuls (granted per call where the GPU has fp8 units). The text encoder is never fp8."""
     device = torch.device(device)
-    if requested == FP8_NAME:
+    if requested in (FP8_NAME, FP8_FAST_NAME):
         auto = choose_dtypes(device, "auto")
-        return PartDtypes(auto.dit, auto.text_encoder, auto.vae, dit_fp8=True)
+        return PartDtypes(auto.dit, auto.text_encoder, auto.vae, dit_fp8=True,
+                          dit_fp8_matmul=requested == FP8_FAST_NAME)
     if requested == "auto":
         main = torch.bfloat16 if has_bf16(device) else torch.float16 if device.type == "cuda" else torch.float32
     elif requested in NAMED:
         main = NAMED[requested]
     else:
-        raise ValueError(f"weight dtype must be 'auto', '{FP8_NAME}' or one of {', '.join(NAMED)}, "
+        raise ValueError(f"weight dtype must be 'auto', '{FP8_NAME}', '{FP8_FAST_NAME}' or one of {', '.join(NAMED)}, "
                          f"got '{requested}'")
     # fp16: only the DiT has the overflow guard; the text encoder and the VAE run fp32
     text_encoder = torch.float32 if main == torch.float16 else main
