@@ -14,8 +14,9 @@ TFLOP/s and its fraction of a bf16 matmul peak measured in the same run, and cor
 Pack variants (`--variants`), each a DiT over the same weight tensors (fp8: its own fp8 copy of the blocks):
 `pack` (the fast path, zimage_core.fastpath.FAST, as the loaders configure it), `pack-plain` (fastpath.PLAIN),
 `pack-compile` (FAST + torch.compile per block), `pack-fp8` (block matmuls in fp8, quant.use_fp8_matmul).
-`--memory` then runs the pack at `--memory-size` under each memory policy (keep / swap / lowvram) and
-reports per-stage peaks: the issue's "< 13 GB bf16" and "< 6 GB low-VRAM" figures.
+`--memory` then runs the pack at `--memory-size` under each memory policy (keep / swap / lowvram), and swap and
+lowvram again with the DiT's blocks in fp8, and reports per-stage peaks: the issue's "<= 13 GB bf16",
+"<= 8 GB fp8" and "< 6 GB low-VRAM" figures.
 
 The core ComfyUI job is its Qwen3_4B (all 36 layers, as ComfyUI runs it; the pack stops after the 35th, whose
 output is the caption feature), its NextDiT(z_image_modulation=True) driven by the same Euler loop, and its
@@ -372,28 +373,39 @@ def main() -> int:
 
 
 def memory_phase(models: ZImageModels, setup: Setup, size: int, device) -> list[dict]:
-    """The pack's job (batch 1) under each memory policy: seconds and peak device memory per stage. The
-    models are put back on the device after each policy."""
+    """The pack's job (batch 1) under each memory policy, then under swap and lowvram with the DiT's blocks in
+    fp8 (the bf16 DiT moved off the device meanwhile): seconds and peak device memory per stage. Every part is
+    put back on the device after each run."""
     cuda = torch.device(device).type == "cuda"
     h = w = size // 8
     noise = torch.randn(1, setup.dit.in_channels, h, w, device=device)
     out, rows = [], []
-    for policy in POLICIES:
+
+    def run(models: ZImageModels, policy: str, label: str) -> None:
         job = PackJob(models, device, memory=policy)
         with torch.inference_mode():
             run_job(job, 1, noise, sigma_schedule(1), device)                  # warm-up
             timings, _ = run_job(job, 1, noise, sigma_schedule(setup.steps), device)
-        out.append({"policy": policy, "size": size, "stages": timings})
-        rows.append((policy, f"{size}²") + tuple(f"{timings[s]['seconds']:.3f}" for s in STAGES)
+        out.append({"policy": label, "size": size, "stages": timings})
+        rows.append((label, f"{size}²") + tuple(f"{timings[s]['seconds']:.3f}" for s in STAGES)
                     + ((fmt_gib(timings["end to end"]["peak_bytes"]),
                         fmt_gib(timings["DiT"]["peak_bytes"])) if cuda else ()))
-        if job.pipe.streamer is not None:
-            job.pipe.streamer.close()
-        models.dit.to(device)
-        models.text_encoder.to(device)
-        models.vae.to(device)
+        job.pipe.close()
+        for part in (models.dit, models.text_encoder, models.vae):
+            part.to(device)
         if cuda:
             torch.cuda.empty_cache()
+
+    for policy in POLICIES:
+        run(models, policy, policy)
+    fp8 = ZImageModels(dit_variant("pack-fp8", models.dit), models.text_encoder, models.vae, models.tokenizer)
+    models.dit.to("cpu")                           # the fp8 copy shares only the small non-block tensors
+    if cuda:
+        torch.cuda.empty_cache()
+    for policy in ("swap", "lowvram"):
+        run(fp8, policy, f"{policy} + fp8")
+    del fp8
+    models.dit.to(device)
     print(f"\nmemory policies, {size}², batch 1, {setup.steps} steps (seconds per stage; peak = "
           "max_memory_allocated)")
     print_table(["policy", "size", *STAGES] + (["peak GiB", "DiT peak GiB"] if cuda else []), rows)

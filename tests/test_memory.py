@@ -55,6 +55,28 @@ def test_lowvram_streams_every_block_and_learns_their_order(files):
             assert t.data_ptr() == home[name].data_ptr()
 
 
+@pytest.mark.parametrize("memory", ["swap", "lowvram"])
+def test_text_encoder_streams_the_layers_it_runs(files, memory):
+    pipe = pipeline(files, memory)
+    te, streamer = pipe.models.text_encoder, pipe.te_streamer
+    layers = list(te.model.layers)
+    assert streamer.blocks == layers[:-1]           # the last layer never runs (its input is the feature)
+    keep = pipeline(files, "keep").encode([PROMPT, "a chair"])
+    pipe.encode([PROMPT])
+    loads = streamer.loads
+    feats = pipe.encode([PROMPT, "a chair"])
+    # in order now: every run layer copied once per encode (the first one prefetched by the encode before)
+    assert streamer.loads - loads == len(layers) - 1
+    assert streamer.resident_max <= 2
+    assert all(torch.equal(a, b) for a, b in zip(feats, keep))
+    for block, home in zip(streamer.blocks, streamer.home):
+        for name, t in BlockStreamer._tensors(block):
+            assert t.data_ptr() == home[name].data_ptr()
+    assert te.model.embed_tokens.weight.device.type == "cpu"      # looked up in CPU memory, never copied
+    pipe.close()
+    assert pipe.te_streamer is None and not layers[0]._forward_pre_hooks
+
+
 def test_streamer_hands_back_weights_and_closes(files):
     models = load_zimage(files.dit, files.text_encoder, files.vae, tokenizer=tokenizer_dir(), dtype="fp32")
     dit = models.dit

@@ -13,7 +13,7 @@ from torch import Tensor
 from .config import FLUX_LATENT, SAMPLING
 from .dit import ZImageDiT
 from .loading import LoadReport, Source, load_dit, load_text_encoder, load_vae
-from .memory import check_policy, decode_tiled, empty_cache, stream_dit_blocks, visiting
+from .memory import check_policy, decode_tiled, empty_cache, stream_dit_blocks, stream_text_encoder
 from .precision import choose_dtypes
 from .sampling import StepCallback, initial_noise, sample, sigma_schedule
 from .text_encoder import Qwen3Encoder, encode_prompts
@@ -76,7 +76,8 @@ def load_zimage(dit: Source, text_encoder: Source | None = None, vae: Source | N
 
 class ZImagePipeline:
     """memory: 'keep', 'swap' or 'lowvram' (zimage_core.memory). With 'swap' and 'lowvram' the text encoder
-    is kept in CPU memory between prompts; 'lowvram' also streams the DiT's blocks and tiles the VAE decode."""
+    stays in CPU memory and streams its layers to the device while encoding; 'lowvram' also streams the DiT's
+    blocks and tiles the VAE decode. close() hands the streamed weights back (then move the models)."""
 
     def __init__(self, models: ZImageModels, device: str | torch.device = "cpu", memory: str = "keep",
                  vae_tile: int = 64):
@@ -85,9 +86,10 @@ class ZImagePipeline:
         self.memory = check_policy(memory)
         self.vae_tile = vae_tile
         self.home = torch.device("cpu")
-        self.streamer = None
+        self.streamer = self.te_streamer = None          # the DiT's and the text encoder's BlockStreamers
         if memory != "keep":
             models.text_encoder.to(self.home)
+            self.te_streamer = stream_text_encoder(models.text_encoder, self.device)
             empty_cache(self.device)
         if memory == "lowvram":
             self.streamer = stream_dit_blocks(models.dit, self.device)
@@ -96,11 +98,14 @@ class ZImagePipeline:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[Tensor]:
-        te = self.models.text_encoder
-        if self.memory == "keep":
-            return encode_prompts(te, self.models.tokenizer, prompts)
-        with visiting(te, self.device, self.home):
-            return encode_prompts(te, self.models.tokenizer, prompts)
+        return encode_prompts(self.models.text_encoder, self.models.tokenizer, prompts, self.device)
+
+    def close(self) -> None:
+        """Remove the streaming hooks (the weights stay in CPU memory: move the models to put them back)."""
+        for streamer in (self.streamer, self.te_streamer):
+            if streamer is not None:
+                streamer.close()
+        self.streamer = self.te_streamer = None
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative: str | list[str] = "", width: int = 1024,

@@ -248,7 +248,10 @@ class Qwen3Encoder(nn.Module):
         strictly. Rows at padded positions hold garbage; use only the rows the mask marks valid.
         """
         _, L = input_ids.shape
-        x = self.model.embed_tokens(input_ids)
+        # Computed on input_ids' device; the embedding looked up where its table is (the CPU when the layers
+        # are streamed to the device: memory.stream_text_encoder).
+        table = self.model.embed_tokens.weight
+        x = self.model.embed_tokens(input_ids.to(table.device)).to(input_ids.device)
         cos, sin = rope_tables(L, self.cfg.head_dim, self.cfg.rope_theta, x.device)
         mask = causal_mask(attention_mask, L, x.device)
         for layer in self.model.layers[:-1]:
@@ -256,15 +259,17 @@ class Qwen3Encoder(nn.Module):
         return x
 
 
-def encode_prompts(encoder: Qwen3Encoder, tokenizer: PromptTokenizer, prompts: list[str]) -> list[Tensor]:
-    """Caption features per prompt: a (L_i, hidden) tensor of its valid tokens only, from one right-padded batch.
+def encode_prompts(encoder: Qwen3Encoder, tokenizer: PromptTokenizer, prompts: list[str],
+                   device: torch.device | str | None = None) -> list[Tensor]:
+    """Caption features per prompt: a (L_i, hidden) tensor of its valid tokens only, from one right-padded batch,
+    computed on `device` (default: where the encoder's weights are).
 
     The encoder is causal and padding is on the right, so the padding cannot change the valid rows.
     """
     if not prompts:
         return []
     ids = [tokenizer.encode(p) for p in prompts]
-    device = next(encoder.parameters()).device
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
     length = max(len(i) for i in ids)
     input_ids = torch.full((len(ids), length), tokenizer.pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(ids), length, dtype=torch.bool, device=device)
