@@ -19,10 +19,12 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 # ZIMAGE_BENCH_RESULTS redirects the JSON files (the README test runs the benchmarks without adding results)
 RESULTS = Path(os.environ.get("ZIMAGE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
-RUNTIME = REPO / ".runtime"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "scripts"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
+import comfy_tree  # noqa: E402
+from comfy_tree import comfy_nextdit  # noqa: E402,F401  (the benchmarks' reference model, used via common)
 from zimage_core.config import DiTConfig  # noqa: E402
 from zimage_core.text_encoder import Qwen3Config  # noqa: E402
 
@@ -178,46 +180,12 @@ def materialise_random(factory: Callable[[], nn.Module], device, dtype: torch.dt
 # ComfyUI as a library
 
 
-def comfyui_tree(version: str = "0.30.0") -> Path:
-    """Core ComfyUI's source tree: the runtime's, or ZIMAGE_COMFYUI_TREE (the copy scripts/device_bundle.sh
-    packs for a lent GPU machine, which has no runtime)."""
-    tree = Path(os.environ.get("ZIMAGE_COMFYUI_TREE") or RUNTIME / f"ComfyUI-{version}")
-    if not (tree / "comfy").is_dir():
-        raise SystemExit(f"ComfyUI {version} is not installed at {tree}: run scripts/setup_runtime.sh")
-    return tree
-
-
 def import_comfy(version: str = "0.30.0", cpu: bool | None = None) -> str:
-    """Make core ComfyUI's `comfy` package importable in this process, on CPU (`--cpu`) unless CUDA is there.
-    Returns the name of the attention function ComfyUI picked for this device."""
-    tree = comfyui_tree(version)
-    if str(tree) not in sys.path:
-        sys.path.insert(0, str(tree))
-    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-    argv = sys.argv
-    sys.argv = [argv[0]] + (["--cpu"] if cpu else [])
+    """comfy_tree.import_comfy, with a missing tree reported as a script's error."""
     try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401  (reads the arguments now)
-        import comfy.ldm.modules.attention as attention
-    finally:
-        sys.argv = argv
-    return attention.optimized_attention.__name__
-
-
-def comfy_nextdit(cfg: DiTConfig, device="cpu", dtype: torch.dtype = torch.float32):
-    """Core ComfyUI's Z-Image model (NextDiT with z_image_modulation) for `cfg`; ComfyUI's weight-init-free ops,
-    as ComfyUI builds it when the weights fit on the device."""
-    import comfy.ops
-    from comfy.ldm.lumina.model import NextDiT
-    return NextDiT(patch_size=cfg.patch_size, in_channels=cfg.in_channels, dim=cfg.dim, n_layers=cfg.n_layers,
-                   n_refiner_layers=cfg.n_noise_refiner, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
-                   multiple_of=1, ffn_dim_multiplier=cfg.ffn_hidden / cfg.dim + 1e-9, norm_eps=cfg.norm_eps,
-                   qk_norm=True, cap_feat_dim=cfg.cap_feat_dim, axes_dims=list(cfg.axes_dims),
-                   axes_lens=list(cfg.axes_lens), rope_theta=cfg.rope_theta, z_image_modulation=True,
-                   time_scale=cfg.t_scale, pad_tokens_multiple=cfg.seq_multiple,
-                   operations=comfy.ops.disable_weight_init, dtype=dtype, device=device)
+        return comfy_tree.import_comfy(version, cpu)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def share_weights(target: nn.Module, source: nn.Module, prefix: str = "") -> nn.Module:

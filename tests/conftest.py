@@ -8,34 +8,29 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RUNTIME = REPO / ".runtime"
+sys.path.insert(0, str(REPO / "scripts"))
+import comfy_tree  # noqa: E402
+
+RUNTIME = comfy_tree.RUNTIME
 SETUP_HINT = "run scripts/setup_runtime.sh (it installs the ComfyUI trees the tests compare against)"
 
 
 def comfyui_tree(version: str = "0.30.0") -> Path:
-    tree = RUNTIME / f"ComfyUI-{version}"
-    if not (tree / "comfy").is_dir():
-        pytest.skip(f"ComfyUI {version} is not installed at {tree}: {SETUP_HINT}")
-    return tree
+    """The tree, or a skip that names the setup script (the tests' reference is missing, not wrong)."""
+    try:
+        return comfy_tree.comfyui_tree(version)
+    except FileNotFoundError as e:
+        pytest.skip(f"{e} ({SETUP_HINT})")
 
 
 def tokenizer_dir() -> Path:
     return comfyui_tree() / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
 
-def import_comfy(version: str = "0.30.0"):
-    """Make ComfyUI's `comfy` package importable as a library (CPU, no argument parsing)."""
-    tree = comfyui_tree(version)
-    if str(tree) not in sys.path:
-        sys.path.insert(0, str(tree))
-    argv = sys.argv
-    sys.argv = [argv[0], "--cpu"]
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401  (reads --cpu now)
-    finally:
-        sys.argv = argv
+def import_comfy(version: str = "0.30.0") -> None:
+    """Make ComfyUI's `comfy` package importable as a library, on the CPU."""
+    comfyui_tree(version)                        # skips when missing
+    comfy_tree.import_comfy(version, cpu=True)
 
 
 def import_pack(submodule: str = "nodes"):

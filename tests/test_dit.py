@@ -95,15 +95,8 @@ def test_turbo_diffusers_keys_map_onto_ours():
 
 def comfy_nextdit(cfg: DiTConfig):
     import_comfy()
-    import comfy.ops
-    from comfy.ldm.lumina.model import NextDiT
-    return NextDiT(patch_size=cfg.patch_size, in_channels=cfg.in_channels, dim=cfg.dim, n_layers=cfg.n_layers,
-                   n_refiner_layers=cfg.n_noise_refiner, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
-                   multiple_of=1, ffn_dim_multiplier=cfg.ffn_hidden / cfg.dim + 1e-9, norm_eps=cfg.norm_eps,
-                   qk_norm=True, cap_feat_dim=cfg.cap_feat_dim, axes_dims=list(cfg.axes_dims),
-                   axes_lens=list(cfg.axes_lens), rope_theta=cfg.rope_theta, z_image_modulation=True,
-                   time_scale=cfg.t_scale, pad_tokens_multiple=cfg.seq_multiple,
-                   operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    from comfy_tree import comfy_nextdit as build
+    return build(cfg)
 
 
 @pytest.mark.parametrize("h,w,cap_len", [(8, 8, 20), (6, 12, 37)])
