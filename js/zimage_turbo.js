@@ -149,6 +149,7 @@ export function formatRun(info) {
     if (info.steps !== undefined) parts.push(`${info.steps} steps`);
     if (info.seconds !== undefined) parts.push(`${Number(info.seconds).toFixed(1)} s`);
     if (info.width && info.height) parts.push(`${info.width}×${info.height}`);
+    if (info.compiled) parts.push("compiled");
     return parts.join(" · ");
 }
 

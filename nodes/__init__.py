@@ -4,6 +4,7 @@ from .image import ZImageTurboSize, ZImageTurboVAEDecode, ZImageTurboVAEEncode
 from .loaders import ZImageTurboCheckpointLoader, ZImageTurboDiffusersLoader, ZImageTurboLoader
 from .sampling import ZImageTurboSampler
 from .save import ZImageTurboSaveImage
+from .speed import ZImageTurboCompile
 
 NODE_CLASS_MAPPINGS = {
     "ZImageTurboLoader": ZImageTurboLoader,
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTurboDiffusersLoader": ZImageTurboDiffusersLoader,
     "ZImageTurboVAEEncode": ZImageTurboVAEEncode,
     "ZImageTurboSaveImage": ZImageTurboSaveImage,
+    "ZImageTurboCompile": ZImageTurboCompile,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboLoader": "Z-Image Turbo Loader",
@@ -24,4 +26,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboDiffusersLoader": "Z-Image Turbo Diffusers Loader",
     "ZImageTurboVAEEncode": "Z-Image Turbo VAE Encode",
     "ZImageTurboSaveImage": "Z-Image Turbo Save Image",
+    "ZImageTurboCompile": "Z-Image Turbo Compile",
 }

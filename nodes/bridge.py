@@ -50,8 +50,10 @@ class ComfyZImageDiT(ZImageDiT):
         return self.x_embedder.weight.dtype
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, num_tokens=None, attention_mask=None,
-                **kwargs) -> Tensor:
-        return -super().forward(x, 1.0 - timesteps, captions_from_context(context, num_tokens, attention_mask))
+                transformer_options=None, **kwargs) -> Tensor:
+        # the compile node's choice travels in the MODEL's transformer_options (nodes/speed.py)
+        with self.compiled_blocks(bool((transformer_options or {}).get("zimage_compile", False))):
+            return -super().forward(x, 1.0 - timesteps, captions_from_context(context, num_tokens, attention_mask))
 
     def raw(self, x: Tensor, t: Tensor, captions: list[Tensor]) -> Tensor:
         """The engine's own call (t = 1 - sigma, returns u), for the pack's sampler."""

@@ -12,7 +12,7 @@ import torch
 from ..zimage_core.config import FLUX_LATENT, SAMPLING
 from ..zimage_core.pipeline import check_size
 from ..zimage_core.sampling import sample, sigma_schedule
-from . import bridge, guard
+from . import bridge, guard, speed
 from .loaders import CATEGORY
 
 
@@ -109,12 +109,13 @@ class ZImageTurboSampler:
             bar.update_absolute(i, n)
             mm.throw_exception_if_processing_interrupted()      # the Stop button, checked after every step
 
-        with torch.no_grad():
+        with torch.no_grad(), dit.compiled_blocks(speed.wants_compiled(model)):
             out = guard.run_guarded("sampling", guard.sampler_remedy(width, height, B),
                                     sample, dit.raw, noise.to(device), sigmas, pos, neg, cfg, start, on_step)
         samples = fmt.process_out(out.to(mm.intermediate_device()))
         # what the canvas shows with the result and the save node writes into PNGs: the values actually used
         info = {"seed": seed, "steps": steps, "cfg": cfg, "shift": shift, "denoise": denoise, "batch": B,
                 "width": width, "height": height,
-                "seconds": round(time.perf_counter() - started, 3)}
+                "seconds": round(time.perf_counter() - started, 3),
+                "compiled": speed.wants_compiled(model) and not dit.compile_failed}
         return {"ui": {"zimage": [info]}, "result": ({"samples": samples},)}

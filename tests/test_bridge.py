@@ -116,3 +116,18 @@ def test_fp8_fast_linear_falls_back_once_when_the_gpu_refuses(bridge, monkeypatc
         assert torch.equal(fast(x), plain(x))
     assert bridge.FP8MatmulLinear._failed
     assert sum("fp8 matmul failed" in r.getMessage() for r in caplog.records) == 1
+
+
+# ---- the compile node ---------------------------------------------------------------------------------------
+
+def test_compile_node_patches_a_clone_and_refuses_other_models(bridge):
+    import comfy.model_patcher
+    speed = import_pack("nodes.speed")
+    model = bridge.make_model(bridge.ComfyZImageDiT(TINY))
+    (patched,) = speed.ZImageTurboCompile().patch(model)
+    assert speed.wants_compiled(patched) and not speed.wants_compiled(model)     # the loaded MODEL is untouched
+    assert patched.model is model.model                                          # same weights, no copy
+    other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="Z-Image Turbo Loader"):
+        speed.ZImageTurboCompile().patch(other)

@@ -26,7 +26,8 @@ SHOTS = REPO / "output" / "browser"
 PACK = "comfyui_zimage_turbo"
 PACK_NODES = {"ZImageTurboLoader": "Z-Image Turbo Loader", "ZImageTurboCheckpointLoader": "Z-Image Turbo Checkpoint Loader",
               "ZImageTurboSampler": "Z-Image Turbo Sampler", "ZImageTurboVAEDecode": "Z-Image Turbo VAE Decode",
-              "ZImageTurboSize": "Z-Image Turbo Size", "ZImageTurboSaveImage": "Z-Image Turbo Save Image"}
+              "ZImageTurboSize": "Z-Image Turbo Size", "ZImageTurboSaveImage": "Z-Image Turbo Save Image",
+              "ZImageTurboCompile": "Z-Image Turbo Compile"}
 APP = "window.comfyAPI.app.app"
 WARN_RGB = (0x5A, 0x1E, 0x1E)          # the cfg hint's fill colour in js/zimage_turbo.js
 INFO_RGB = (0x1E, 0x3A, 0x2A)          # the run-info tag's fill colour

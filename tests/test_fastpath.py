@@ -78,9 +78,9 @@ def counting_contexts(model: ZImageDiT) -> list:
     made = []
     original = model.make_context
 
-    def make(captions, size):
+    def make(captions, size, *args):
         made.append(size)
-        return original(captions, size)
+        return original(captions, size, *args)
     model.make_context = make
     return made
 
@@ -140,6 +140,45 @@ def test_compiled_blocks_equal_eager_and_do_not_recompile_between_steps():
     for c, e in zip(compiled, eager):
         assert rel_err(c, e)[1] <= 1e-5
     assert set(model.state_dict()) == set(tiny_dit().state_dict())     # keys unchanged: files still load
+
+
+def test_compiled_blocks_per_run_equal_eager_and_leave_the_model_as_it_was():
+    """The per-run switch the ComfyUI compile node uses: compiled inside, eager after, same modules."""
+    torch._dynamo.reset()
+    model = configure(tiny_dit(), FAST)
+    x, t, caps = inputs(cap_lens=(7, 20))
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        eager = model(x, t, caps)
+        with model.compiled_blocks():
+            compiled = model(x, t, caps)
+        after = model(x, t, caps)
+    assert rel_err(compiled, eager)[1] <= 1e-5
+    assert torch.equal(after, eager) and not model.compiled
+    wrappers = model.__dict__["_compiled"]["layers"]
+    assert [w._orig_mod for w in wrappers] == list(model.layers)      # wrappers of the same modules, no copy
+    assert set(model.state_dict()) == keys
+
+
+def test_a_failing_compile_is_logged_once_and_runs_eager(monkeypatch, caplog):
+    """No C++ compiler (CPU) or no Triton (GPU): a real dynamo compile whose backend fails."""
+    torch._dynamo.reset()
+    real_compile = torch.compile
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend=no_compiler))
+    model = tiny_dit()
+    x, t, caps = inputs(cap_lens=(7,))
+    with torch.no_grad():
+        eager = model(x, t, caps)
+        compile_blocks(model)
+        with caplog.at_level("WARNING"):
+            first, second = model(x, t, caps), model(x, t, caps)
+    torch._dynamo.reset()
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0]
 
 
 # ---- fp16 without overflow ------------------------------------------------------------------------------

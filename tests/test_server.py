@@ -200,6 +200,31 @@ def test_core_lora_loader_patches_the_pack_model(server):
     assert np.abs(results[1] - plain).max() > 10
 
 
+def test_compile_node_runs_the_blocks_compiled_with_the_same_images(server):
+    """The compile node in front of the pack's sampler and of core KSampler (real torch.compile: inductor's
+    C++ backend here): the images are those of the plain model, and the sampler reports it ran compiled."""
+    plain_entry = server.run(turbo_job("a lamp", 64, seed=5))
+    plain = pixels(server.output_files(plain_entry)[0])
+    assert plain_entry["outputs"]["10"]["zimage"][0]["compiled"] is False
+    wf = turbo_job("a lamp", 64, seed=5)
+    wf["30"] = {"class_type": "ZImageTurboCompile", "inputs": {"model": ["3", 0]}}
+    wf["10"]["inputs"]["model"] = ["30", 0]
+    wf["20"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["30", 0], "shift": 3.0}}
+    wf["21"] = {"class_type": "KSampler", "inputs": {
+        "model": ["20", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": 5,
+        "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    wf["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["3", 2]}}
+    wf["23"] = {"class_type": "SaveImage", "inputs": {"images": ["22", 0], "filename_prefix": "compiled_core"}}
+    entry = server.run(wf)
+    assert entry["outputs"]["10"]["zimage"][0]["compiled"] is True
+    pack = pixels(server.output_files({"outputs": {"11": entry["outputs"]["11"]}})[0])
+    core = pixels(server.output_files({"outputs": {"23": entry["outputs"]["23"]}})[0])
+    print(f"compiled vs plain: pack sampler {np.abs(pack - plain).max()}/255, core KSampler "
+          f"{np.abs(core - plain).max()}/255")
+    assert np.abs(pack - plain).max() <= 1 and np.abs(core - plain).max() <= 1
+    assert "torch.compile failed" not in server.log_text()
+
+
 def test_a_checkpoint_of_another_model_fails_clearly_and_the_server_keeps_serving(server):
     wf = turbo_job("x", 64)
     wf["3"]["inputs"]["ckpt_name"] = "not_zimage_sdxl.safetensors"

@@ -6,6 +6,7 @@ Semantics follow the official Tongyi-MAI implementation (see zimage-architecture
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ from torch import Tensor, nn
 from .config import DiTConfig
 from .layers import RMSNorm, SwiGLU, attention, fp16_linear
 from .rope import RopeTable, caption_positions, image_positions
+
+
+log = logging.getLogger(__name__)
+BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -37,8 +42,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: RopeTable, key_mask: Tensor | None) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)   # each (B, L, H, D)
-        q = rope.rotate(self.q_norm(q), self.complex_rope)
-        k = rope.rotate(self.k_norm(k), self.complex_rope)
+        # inductor generates no code for complex ops: compiled, the real-valued rotation (which it fuses)
+        use_complex = self.complex_rope and not torch.compiler.is_compiling()
+        q = rope.rotate(self.q_norm(q), use_complex)
+        k = rope.rotate(self.k_norm(k), use_complex)
         return self.out(attention(q, k, v, key_mask, self.backend))
 
     def forward_fp16(self, x: Tensor, rope: RopeTable, key_mask: Tensor | None) -> Tensor:
@@ -155,6 +162,11 @@ class ZImageDiT(nn.Module):
     captions: one (L_i, cap_feat_dim) tensor per sample, valid tokens only, lengths may differ.
     Inside `with model.reuse_context():` the prompt part (PromptContext) is made once and reused by every
     call with the same caption tensors and size, as it is across the steps of one sampling run.
+
+    Compiled blocks (a fast-path option): with `compiled` set, or inside `with model.compiled_blocks():`, the
+    transformer blocks run through torch.compile'd wrappers made on first use. They hold the same modules (no
+    copy, the state dict unchanged) and one graph serves every block of a shape. If compiling fails (no C++
+    compiler, no Triton) the model says so once in the log and runs eager from then on.
     """
 
     def __init__(self, cfg: DiTConfig):
@@ -170,21 +182,61 @@ class ZImageDiT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
         self._contexts: list[PromptContext] | None = None          # set only inside reuse_context()
+        self.compiled = False                                       # fastpath.compile_blocks sets it
+        self._compile_scope = False                                 # set inside compiled_blocks()
+        self._compile_failed = False
 
     def forward(self, x: Tensor, t: Tensor, captions: list[Tensor]) -> Tensor:
+        if (self.compiled or self._compile_scope) and not self._compile_failed:
+            try:
+                return self._forward(x, t, captions, compiled=True)
+            except torch._dynamo.exc.BackendCompilerFailed as e:    # nothing was changed: run it again eager
+                self._compile_failed = True
+                reason = getattr(e, "inner_exception", None) or e         # the backend's own error
+                log.warning("Z-Image DiT: torch.compile failed (%s: %s); running without it from now on",
+                            type(reason).__name__, reason)
+        return self._forward(x, t, captions, compiled=False)
+
+    @property
+    def compile_failed(self) -> bool:
+        """Whether torch.compile failed on this model (it then runs eager)."""
+        return self._compile_failed
+
+    @contextmanager
+    def compiled_blocks(self, on: bool = True):
+        """Run the blocks compiled inside (when `on`): a per-run choice, as ComfyUI's per-model options need."""
+        outer = self._compile_scope
+        self._compile_scope = on
+        try:
+            yield self
+        finally:
+            self._compile_scope = outer
+
+    def blocks(self, name: str, compiled: bool) -> list[nn.Module]:
+        """One of BLOCK_LISTS, as modules or as their torch.compile wrappers (made once, kept outside the
+        module tree so that .to(), state_dict() and ComfyUI's patching see only the modules)."""
+        modules = getattr(self, name)
+        if not compiled:
+            return modules
+        cache = self.__dict__.setdefault("_compiled", {})
+        if len(cache.get(name, ())) != len(modules):
+            cache[name] = [torch.compile(block, dynamic=False) for block in modules]
+        return cache[name]
+
+    def _forward(self, x: Tensor, t: Tensor, captions: list[Tensor], compiled: bool) -> Tensor:
         B, C, H, W = x.shape
         if len(captions) != B:
             raise ValueError(f"got {len(captions)} captions for a batch of {B} latents")
-        ctx = self.prompt_context(captions, (H, W))
+        ctx = self.prompt_context(captions, (H, W), compiled)
         img, n_img = self.embed_image(x)
         c = self.t_embedder(t * self.cfg.t_scale).to(img.dtype)
         if img.dtype == torch.float16:
             img = img.float()           # an fp16 model keeps its residual stream in fp32 (forward_fp16)
 
-        for block in self.noise_refiner:
+        for block in self.blocks("noise_refiner", compiled):
             img = block(img, ctx.img_rope, None, c)
         joint = torch.cat([img, ctx.cap], dim=1)     # [image, caption]: batch padding sits at the caption's end
-        for block in self.layers:
+        for block in self.blocks("layers", compiled):
             joint = block(joint, ctx.rope, ctx.mask, c)
 
         out = self.final_layer(joint[:, :n_img], c)                 # (B, N, p*p*C), image tokens only
@@ -201,17 +253,17 @@ class ZImageDiT(nn.Module):
         finally:
             self._contexts = outer
 
-    def prompt_context(self, captions: list[Tensor], size: tuple[int, int]) -> PromptContext:
+    def prompt_context(self, captions: list[Tensor], size: tuple[int, int], compiled: bool = False) -> PromptContext:
         if self._contexts is not None:
             for ctx in self._contexts:
                 if ctx.serves(captions, size):
                     return ctx
-        ctx = self.make_context(captions, size)
+        ctx = self.make_context(captions, size, compiled)
         if self._contexts is not None:
             self._contexts[:] = self._contexts[-1:] + [ctx]         # the last two: cond+uncond runs alternate
         return ctx
 
-    def make_context(self, captions: list[Tensor], size: tuple[int, int]) -> PromptContext:
+    def make_context(self, captions: list[Tensor], size: tuple[int, int], compiled: bool = False) -> PromptContext:
         H, W = size
         p = self.cfg.patch_size
         if H % p or W % p:
@@ -219,7 +271,7 @@ class ZImageDiT(nn.Module):
         cap, cap_rope, cap_mask, cap_lens = self.embed_captions(captions)
         if cap.dtype == torch.float16:
             cap = cap.float()
-        for block in self.context_refiner:               # it does not see t: the same at every step
+        for block in self.blocks("context_refiner", compiled):      # it does not see t: the same every step
             cap = block(cap, cap_rope, cap_mask)
         n_img = (H // p) * (W // p)
         n_padded = _round_up(n_img, self.cfg.seq_multiple)

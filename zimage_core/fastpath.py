@@ -4,8 +4,9 @@
     complex_rope   the RoPE rotation as a complex multiply (bit-identical, fewer passes)
     attention      'auto': the best SDPA kernel per device (cuDNN then flash on Hopper, FA3 when installed);
                    'default': torch's own choice
-    compile        torch.compile each transformer block; the blocks share one graph, and t being a tensor
-                   input, the steps of a run never recompile
+    compile        torch.compile each transformer block (ZImageDiT.blocks); the blocks share one graph, and t
+                   being a tensor input, the steps of a run never recompile. Per run instead of per model:
+                   `with model.compiled_blocks():` (the ComfyUI compile node)
 
 Reusing the prompt part across steps (context refiner, RoPE tables, masks) is ZImageDiT.reuse_context();
 cfg 1 runs one pass and cfg > 1 one batched pass (sampling.predict); fp8 matmul is quant.py.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .dit import Attention
+from .dit import Attention, ZImageDiT
 from .layers import ATTENTION_CHOICES, RMSNorm
 
 
@@ -42,20 +43,18 @@ def configure(model: nn.Module, fast: FastPath = FAST) -> nn.Module:
         if isinstance(module, RMSNorm):
             module.fused = fast.fused_norm
         if isinstance(module, Attention):
-            # inductor does not generate code for complex ops; compiled, the real-valued rotation fuses
-            module.complex_rope = fast.complex_rope and not fast.compile
+            module.complex_rope = fast.complex_rope       # traced by torch.compile, the real rotation runs
             module.backend = fast.attention
-    if fast.compile:
-        compile_blocks(model)
+    if isinstance(model, ZImageDiT):
+        model.compiled = fast.compile
     return model
 
 
-def compile_blocks(model: nn.Module, **options) -> nn.Module:
-    """torch.compile every transformer block in place (nn.Module.compile keeps the state-dict keys).
+def compile_blocks(model: ZImageDiT) -> ZImageDiT:
+    """Run every transformer block of `model` through torch.compile from now on (ZImageDiT.blocks).
 
-    Whole-model compile would recompile whenever a caption length changes; per block the graph depends only
-    on the token count, and dynamo treats parameters as inputs, so one graph serves all same-shaped blocks."""
-    for name in ("noise_refiner", "context_refiner", "layers"):
-        for block in getattr(model, name, ()):
-            block.compile(dynamic=False, **options)
+    Per block, not the whole model: a whole-model graph would recompile whenever a caption length changes;
+    a block's graph depends only on its token count, and dynamo treating parameters as inputs, one graph
+    serves all same-shaped blocks and every step (t is a tensor input)."""
+    model.compiled = True
     return model
