@@ -21,7 +21,6 @@ from .rope import RopeTable, caption_positions, image_positions
 
 
 log = logging.getLogger(__name__)
-BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -213,8 +212,9 @@ class ZImageDiT(nn.Module):
             self._compile_scope = outer
 
     def blocks(self, name: str, compiled: bool) -> list[nn.Module]:
-        """One of BLOCK_LISTS, as modules or as their torch.compile wrappers (made once, kept outside the
-        module tree so that .to(), state_dict() and ComfyUI's patching see only the modules)."""
+        """The block list `name` (noise_refiner, context_refiner or layers), as modules or as their torch.compile
+        wrappers (made once, kept outside the module tree so that .to(), state_dict() and ComfyUI's patching
+        see only the modules)."""
         modules = getattr(self, name)
         if not compiled:
             return modules
