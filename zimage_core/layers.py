@@ -121,7 +121,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, b
         return out.reshape(B, L, H * D)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # (B, H, L, D)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    order = sdpa_priority(q.device) if backend == "auto" else None
+    # Traced by torch.compile, no kernel context: the compiler picks the SDPA kernel itself, and a context
+    # manager with set_priority is not one every dynamo version can trace.
+    order = sdpa_priority(q.device) if backend == "auto" and not torch.compiler.is_compiling() else None
     with sdpa_kernel(order, set_priority=True) if order else nullcontext():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, L, H * D)
