@@ -73,6 +73,18 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(np.int16)
 
 
+def with_core_ksampler(wf: dict, model: list, seed: int, prefix: str) -> dict:
+    """Adds a core branch beside the pack's sampler (node 10): ModelSamplingAuraFlow shift 3 -> KSampler (euler,
+    simple, 8 steps, cfg 1) on the same prompt and latent -> VAEDecode -> SaveImage (node 23)."""
+    wf["20"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": model, "shift": 3.0}}
+    wf["21"] = {"class_type": "KSampler", "inputs": {
+        "model": ["20", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": seed,
+        "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    wf["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["3", 2]}}
+    wf["23"] = {"class_type": "SaveImage", "inputs": {"images": ["22", 0], "filename_prefix": prefix}}
+    return wf
+
+
 def test_pack_loads_without_errors(server):
     log = server.log_text()
     assert "IMPORT FAILED" not in log and "comfyui_zimage_turbo" in log
@@ -115,13 +127,7 @@ def test_english_prompt_batch_of_three(server):
 
 def test_same_seed_same_image_in_core_ksampler(server):
     """Core KSampler (euler, simple, ModelSamplingAuraFlow shift 3) and the pack's sampler, same seed."""
-    wf = turbo_job("一只白猫", 64)
-    wf["20"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["3", 0], "shift": 3.0}}
-    wf["21"] = {"class_type": "KSampler", "inputs": {
-        "model": ["20", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": 12345,
-        "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    wf["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["3", 2]}}
-    wf["23"] = {"class_type": "SaveImage", "inputs": {"images": ["22", 0], "filename_prefix": "core_ksampler"}}
+    wf = with_core_ksampler(turbo_job("一只白猫", 64), ["3", 0], seed=12345, prefix="core_ksampler")
     entry = server.run(wf)
     pack = server.output_files({"outputs": {"11": entry["outputs"]["11"]}})[0]
     core = server.output_files({"outputs": {"23": entry["outputs"]["23"]}})[0]
@@ -209,13 +215,7 @@ def test_compile_node_runs_the_blocks_compiled_with_the_same_images(server):
     wf = turbo_job("a lamp", 64, seed=5)
     wf["30"] = {"class_type": "ZImageTurboCompile", "inputs": {"model": ["3", 0]}}
     wf["10"]["inputs"]["model"] = ["30", 0]
-    wf["20"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["30", 0], "shift": 3.0}}
-    wf["21"] = {"class_type": "KSampler", "inputs": {
-        "model": ["20", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], "seed": 5,
-        "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
-    wf["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["21", 0], "vae": ["3", 2]}}
-    wf["23"] = {"class_type": "SaveImage", "inputs": {"images": ["22", 0], "filename_prefix": "compiled_core"}}
-    entry = server.run(wf)
+    entry = server.run(with_core_ksampler(wf, ["30", 0], seed=5, prefix="compiled_core"))
     assert entry["outputs"]["10"]["zimage"][0]["compiled"] is True
     pack = pixels(server.output_files({"outputs": {"11": entry["outputs"]["11"]}})[0])
     core = pixels(server.output_files({"outputs": {"23": entry["outputs"]["23"]}})[0])
