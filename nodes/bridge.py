@@ -124,10 +124,20 @@ def captions_from_context(context: Tensor, num_tokens=None, attention_mask=None)
     return [c[:n] for c in context]
 
 
+# What ComfyUI reserves for one sampling call on a GPU: memory_usage_factor * 0.01 * latent area * dtype size
+# MiB. ComfyUI 0.3.75 shipped Z-Image with 1.7 and users of 12-16 GB cards hit out-of-memory on the second run
+# (Comfy-Org/workflow_templates#340); 0.30.0 raised it to 2.8. Counted tensor by tensor at Turbo size (tests/
+# test_memory_estimate.py), core's NextDiT peaks at 1.47 of that unit and the pack's DiT at 1.25; 0.30.0's
+# 2.8 is 1.9x core's count (room for kernel workspaces and the allocator), and 2.4 is the same 1.9x over the
+# pack's. The same value on every ComfyUI version, so 0.3.75 users get the margin too.
+MEMORY_USAGE_FACTOR = 2.4
+
+
 def make_model(dit: ComfyZImageDiT) -> comfy.model_patcher.ModelPatcher:
     unet_config = {"image_model": "lumina2", "dim": dit.cfg.dim, "disable_unet_model_creation": True}
     model_config = comfy.supported_models.ZImage(unet_config)
     model_config.set_inference_dtype(dit.dtype, None)
+    model_config.memory_usage_factor = MEMORY_USAGE_FACTOR
     model = comfy.model_base.Lumina2(model_config, device=mm.unet_offload_device())
     model.diffusion_model = dit
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),

@@ -54,6 +54,16 @@ def check_latent(samples: torch.Tensor) -> tuple[int, int, int]:
     return B, w * d, h * d
 
 
+def memory_to_keep(model, latent_shape, cfg: float) -> dict:
+    """What to ask ComfyUI to keep free for sampling, as core's samplers ask: the model's estimate for the batch
+    one forward runs (doubled when cfg > 1 batches cond and uncond), and for the plain batch as the least that
+    must fit (below it ComfyUI loads the weights partially). Without it ComfyUI keeps only its fixed ~1 GB,
+    short of what 2048² or a batch of 4 needs on a full GPU."""
+    batch = latent_shape[0] * (2 if cfg != 1.0 else 1)
+    return {"memory_required": model.model.memory_required([batch, *latent_shape[1:]]),
+            "minimum_memory_required": model.model.memory_required(list(latent_shape))}
+
+
 class ZImageTurboSampler:
     DESCRIPTION = ("Samples Z-Image-Turbo with its distilled schedule: shifted flow matching, Euler, 8 steps, "
                    "cfg 1 (one pass per step). Same seed, same noise as core KSampler.")
@@ -96,7 +106,7 @@ class ZImageTurboSampler:
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         if cfg != 1.0 and negative is None:
             raise ValueError("cfg above 1 needs a negative conditioning: connect one, or set cfg to 1")
-        mm.load_models_gpu([model])
+        mm.load_models_gpu([model], **memory_to_keep(model, latent.shape, cfg))
         device = model.load_device
         fmt = model.model.latent_format
         pos = [c.to(device) for c in captions(positive, B, "positive")]
