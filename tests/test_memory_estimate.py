@@ -3,77 +3,24 @@
 ComfyUI frees `memory_required` bytes before a sampling call; too little and a full GPU runs out of memory
 mid-run (Z-Image's "second run OOM" on 12-16 GB cards with ComfyUI 0.3.75). The DiT is run here at Turbo size
 on the meta device (shapes only, no memory, no GPU) under a dispatch mode that adds up the bytes of every
-tensor it makes while alive, with the attention as the fused GPU kernels compute it (no L x L scores)."""
+tensor it makes while alive, with the attention as the fused GPU kernels compute it (bench/meta_memory.py)."""
 from __future__ import annotations
 
-import collections
-import types
-import weakref
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import import_comfy, import_pack
-from zimage_core import layers
+from conftest import REPO, import_comfy, import_pack
 from zimage_core.config import TURBO
 from zimage_core.dit import ZImageDiT
 from zimage_core.fastpath import FAST, configure
 
+sys.path.insert(0, str(REPO / "bench"))
+from meta_memory import peak_bytes  # noqa: E402
+
 CAPTION_TOKENS = 128
 MARGIN = 1.9          # ComfyUI 0.30.0's reservation for core's NextDiT over core's own count (2.8 / 1.47)
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes held by tensors made inside: each storage counted once, until its last tensor dies."""
-
-    def __init__(self):
-        super().__init__()
-        self.size, self.refs, self.now, self.peak = {}, collections.Counter(), 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                key = t.untyped_storage()._cdata
-                if key not in self.size:
-                    self.size[key] = t.untyped_storage().nbytes()
-                    self.now += self.size[key]
-                    self.peak = max(self.peak, self.now)
-                self.refs[key] += 1
-                weakref.finalize(t, self._drop, key)
-        return out
-
-    def _drop(self, key) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            self.now -= self.size.pop(key)
-            del self.refs[key]
-
-
-def fused_sdpa(q, k, v, attn_mask=None, **kwargs):
-    """The GPU's fused attention (flash; memory-efficient with a mask), whose meta kernels keep no L x L scores."""
-    if attn_mask is None:
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
-    bias = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).to(q.dtype)
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False)[0]
-
-
-@pytest.fixture
-def gpu_attention(monkeypatch):
-    shim = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
-    shim.scaled_dot_product_attention = fused_sdpa
-    monkeypatch.setattr(layers, "F", shim)
-
-
-def peak_bytes(model, call) -> int:
-    mode = LiveBytes()
-    with torch.no_grad(), mode:
-        out = call(model)
-        del out
-    return mode.peak
 
 
 def gpu_reservation(factor: float, area: int) -> float:
@@ -82,14 +29,14 @@ def gpu_reservation(factor: float, area: int) -> float:
 
 
 @pytest.mark.parametrize("size,batch", [(1024, 1), (1024, 4), (2048, 1)])
-def test_comfyui_reserves_enough_for_the_pack_dit(gpu_attention, size, batch):
+def test_comfyui_reserves_enough_for_the_pack_dit(size, batch):
     bridge = import_pack("nodes.bridge")
     with torch.device("meta"):
         dit = configure(ZImageDiT(TURBO), FAST).to(torch.bfloat16)
     h = w = size // 8
     x = torch.empty(batch, TURBO.in_channels, h, w, device="meta", dtype=torch.bfloat16)
     caps = [torch.empty(CAPTION_TOKENS, TURBO.cap_feat_dim, device="meta", dtype=torch.bfloat16)] * batch
-    peak = peak_bytes(dit, lambda m: m(x, torch.empty(batch, device="meta"), caps))
+    peak = peak_bytes(lambda: dit(x, torch.empty(batch, device="meta"), caps))
     needed = peak / gpu_reservation(1.0, batch * h * w)
     print(f"{size}² batch {batch}: the pack's DiT holds {peak / 2 ** 20:.0f} MiB at most = factor {needed:.2f}; "
           f"reserved with {bridge.MEMORY_USAGE_FACTOR}: {gpu_reservation(bridge.MEMORY_USAGE_FACTOR, batch * h * w) / 2 ** 20:.0f} MiB")
@@ -100,7 +47,7 @@ def test_comfyui_reserves_enough_for_the_pack_dit(gpu_attention, size, batch):
     assert model.model.memory_usage_factor == bridge.MEMORY_USAGE_FACTOR
 
 
-def test_core_nextdit_count_matches_the_reservation_core_chose(gpu_attention, monkeypatch):
+def test_core_nextdit_count_matches_the_reservation_core_chose(monkeypatch):
     """The unit of the margin: core's own NextDiT, counted the same way, against the 2.8 ComfyUI 0.30.0 gives
     it. If this count moved, MARGIN (and the pack's factor) would need looking at again."""
     import_comfy()
@@ -108,12 +55,11 @@ def test_core_nextdit_count_matches_the_reservation_core_chose(gpu_attention, mo
     import comfy.ldm.modules.attention as attention
     from comfy_tree import comfy_nextdit
     monkeypatch.setattr(lumina, "optimized_attention_masked", attention.attention_pytorch)   # as on a GPU
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", fused_sdpa)
     with torch.device("meta"):
         core = comfy_nextdit(TURBO, device="meta", dtype=torch.bfloat16)
     x = torch.empty(1, TURBO.in_channels, 128, 128, device="meta", dtype=torch.bfloat16)
     ctx = torch.empty(1, CAPTION_TOKENS, TURBO.cap_feat_dim, device="meta", dtype=torch.bfloat16)
-    peak = peak_bytes(core, lambda m: m(x, torch.empty(1, device="meta"), ctx, num_tokens=CAPTION_TOKENS))
+    peak = peak_bytes(lambda: core(x, torch.empty(1, device="meta"), ctx, num_tokens=CAPTION_TOKENS))
     counted = peak / gpu_reservation(1.0, 128 * 128)
     print(f"core NextDiT 1024²: {peak / 2 ** 20:.0f} MiB = factor {counted:.2f} (ComfyUI 0.30.0 reserves 2.8)")
     assert 2.8 / counted == pytest.approx(MARGIN, abs=0.1)

@@ -59,6 +59,7 @@ COVERED = {
     "zimage-batch --jobs": "test_batch_commands",
     "bench/cpu_dit.py": "test_benchmark_commands",
     "bench/gpu.py": "test_benchmark_commands",
+    "bench/memory_estimate.py": "test_benchmark_commands",
     "scripts/soak.py": "test_soak_command",
 }
 
@@ -141,7 +142,9 @@ def test_benchmark_commands(tmp_path):
         assert "needs a CUDA device" in run(gpu, timeout=120, env=env).stdout
     smoke = run(gpu + " --smoke --no-core --variants pack --sizes 64 --batches 1 --runs 1", timeout=600, env=env)
     assert "memory policies" in smoke.stdout
-    assert len(list(tmp_path.glob("*.json"))) >= 2
+    estimate = run(command("bench/memory_estimate.py"), timeout=600, env=env)
+    assert "swap + fp8" in estimate.stdout and "predicted device memory" in estimate.stdout
+    assert len(list(tmp_path.glob("*.json"))) >= 3
 
 
 def test_soak_command():

@@ -62,10 +62,11 @@ def scaled_mm_support(device: torch.device) -> str | None:
 
 def quantize(x: Tensor, rowwise: bool) -> tuple[Tensor, Tensor]:
     """fp8 values and their fp32 scale(s), x ~= q * scale: one scale per row, or one for the whole tensor."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if rowwise else xf.abs().amax()
+    # |x| and its max are exact in x's own dtype; the one fp32 copy is then divided and clamped in place, so
+    # a bf16 activation costs 4 bytes per value on top of itself here, not 12 (the same arithmetic)
+    amax = (x.abs().amax(dim=-1, keepdim=True) if rowwise else x.abs().amax()).float()
     scale = amax.clamp_min(1e-12) / FP8_MAX
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return x.to(torch.float32, copy=True).div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def fp8_matmul(x: Tensor, weight: Tensor, weight_scale: Tensor, rowwise: bool) -> Tensor:
