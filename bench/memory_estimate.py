@@ -43,6 +43,7 @@ def activations(size: int, batch: int, tokens: int) -> dict:
         meta(lambda: AutoEncoder(FLUX_AE))
     fp8 = meta(lambda: configure(ZImageDiT(TURBO), FAST))
     use_fp8_matmul(fp8, mode="rowwise")                     # Ada/Hopper's per-token fp8 products
+    all_blocks = [*dit.noise_refiner, *dit.context_refiner, *dit.layers]
     h = w = size // 8
     ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
     x = torch.empty(batch, TURBO.in_channels, h, w, device="meta", dtype=BF16)
@@ -58,8 +59,7 @@ def activations(size: int, batch: int, tokens: int) -> dict:
             "weights": {"dit": param_bytes(dit), "dit_fp8": param_bytes(fp8),
                         "dit_blocks_largest": max(param_bytes(b) for b in [*dit.noise_refiner, *dit.layers]),
                         "dit_blocks_largest_fp8": max(param_bytes(b) for b in [*fp8.noise_refiner, *fp8.layers]),
-                        "dit_non_block": param_bytes(dit) - sum(param_bytes(b) for b in
-                                                                [*dit.noise_refiner, *dit.context_refiner, *dit.layers]),
+                        "dit_non_block": param_bytes(dit) - sum(param_bytes(b) for b in all_blocks),
                         "te": param_bytes(te), "te_layer": param_bytes(te.model.layers[0]), "vae": param_bytes(vae)}}
 
 

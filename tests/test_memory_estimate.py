@@ -38,8 +38,9 @@ def test_comfyui_reserves_enough_for_the_pack_dit(size, batch):
     caps = [torch.empty(CAPTION_TOKENS, TURBO.cap_feat_dim, device="meta", dtype=torch.bfloat16)] * batch
     peak = peak_bytes(lambda: dit(x, torch.empty(batch, device="meta"), caps))
     needed = peak / gpu_reservation(1.0, batch * h * w)
+    reserved = gpu_reservation(bridge.MEMORY_USAGE_FACTOR, batch * h * w)
     print(f"{size}² batch {batch}: the pack's DiT holds {peak / 2 ** 20:.0f} MiB at most = factor {needed:.2f}; "
-          f"reserved with {bridge.MEMORY_USAGE_FACTOR}: {gpu_reservation(bridge.MEMORY_USAGE_FACTOR, batch * h * w) / 2 ** 20:.0f} MiB")
+          f"reserved with {bridge.MEMORY_USAGE_FACTOR}: {reserved / 2 ** 20:.0f} MiB")
     assert bridge.MEMORY_USAGE_FACTOR >= MARGIN * needed
     # and the MODEL the loaders hand ComfyUI carries it
     from zimage_core.config import TINY
