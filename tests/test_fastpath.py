@@ -160,6 +160,26 @@ def test_compiled_blocks_per_run_equal_eager_and_leave_the_model_as_it_was():
     assert set(model.state_dict()) == keys
 
 
+@pytest.mark.parametrize("variant,tol", [("fp8 storage", 1e-5), ("fp16 model", 1e-2)])
+def test_compiled_blocks_serve_the_fp8_and_fp16_paths(variant, tol):
+    """What loaders hand GPU users: fp8 weight-only blocks (the CastLinear casts inside the graph) and the
+    overflow-guarded fp16 model (forward_fp16's scaling traced)."""
+    torch._dynamo.reset()
+    model = tiny_dit(seed=7)
+    if variant == "fp8 storage":
+        quant.store_blocks_in_fp8(model)
+    else:
+        model.half()
+    x, t, caps = inputs(cap_lens=(7,))
+    with torch.no_grad():
+        eager = model(x, t, caps)
+        with model.compiled_blocks():
+            compiled = model(x, t, caps)
+    torch._dynamo.reset()
+    assert not model.compile_failed and torch.isfinite(compiled).all()
+    assert rel_err(compiled.float(), eager.float())[1] <= tol
+
+
 def test_a_failing_compile_is_logged_once_and_runs_eager(monkeypatch, caplog):
     """No C++ compiler (CPU) or no Triton (GPU): a real dynamo compile whose backend fails."""
     torch._dynamo.reset()
