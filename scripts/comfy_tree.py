@@ -1,6 +1,7 @@
 """Core ComfyUI as a library, for the tests and the benchmarks (never for the pack, which ComfyUI imports):
 where the source trees that scripts/setup_runtime.sh installs are, importing their `comfy` package in this
-process, and building core's own Z-Image model for a DiT config, the reference the pack is compared with."""
+process, importing this repo as ComfyUI imports a custom node pack, and building core's own Z-Image model for a
+DiT config, the reference the pack is compared with."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,22 @@ def import_comfy(version: str = "0.30.0", cpu: bool | None = None) -> str:
     finally:
         sys.argv = argv
     return attention.optimized_attention.__name__
+
+
+def import_pack(submodule: str = "nodes", version: str = "0.30.0", cpu: bool | None = None):
+    """This repo imported as ComfyUI imports a custom node pack (a package named after its folder, here
+    `zimage_pack`), so its relative imports work; returns `zimage_pack.<submodule>`. Imports `comfy` first."""
+    import importlib
+    import importlib.util
+    if "comfy.model_management" not in sys.modules:
+        import_comfy(version, cpu)
+    if "zimage_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("zimage_pack", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["zimage_pack"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"zimage_pack.{submodule}")
 
 
 def comfy_nextdit(cfg, device="cpu", dtype: torch.dtype = torch.float32):

@@ -34,18 +34,9 @@ def import_comfy(version: str = "0.30.0") -> None:
 
 
 def import_pack(submodule: str = "nodes"):
-    """This repo imported as ComfyUI imports a custom node pack (a package named after its folder), so its
-    relative imports work; returns `zimage_pack.<submodule>`. ComfyUI's `comfy` is made importable first."""
-    import importlib
-    import importlib.util
+    """This repo imported as ComfyUI imports a custom node pack (comfy_tree.import_pack), ComfyUI on the CPU."""
     import_comfy()
-    if "zimage_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("zimage_pack", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["zimage_pack"] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"zimage_pack.{submodule}")
+    return comfy_tree.import_pack(submodule)
 
 
 def randomize(module: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
