@@ -19,11 +19,12 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUT/wheels" $pins
 
-# Python sources and the small config files beside them; not the tokenizer folders (tens of MB of vocabularies).
-# Nor the API nodes, extra nodes, blueprints and tests: the benchmark imports comfy.* only.
-(cd "$TREE" && find . -type d \( -name '*tokenizer*' -o -name '__pycache__' -o -name 'tests*' -o -name blueprints \
-    -o -name comfy_api_nodes -o -name comfy_extras \) -prune -o \
-    -type f \( -name '*.py' -o \( -name '*.json' -size -64k \) -o -name '*.yaml' \) -print) |
+# Python sources (all: tokenizer folders hold Python packages too) and the small config files beside them, not
+# the tokenizer vocabularies (tens of MB); not the API nodes, extra nodes, blueprints and tests either: the
+# benchmark imports comfy.* and the pack only.
+(cd "$TREE" && find . -type d \( -name '__pycache__' -o -name 'tests*' -o -name blueprints \
+    -o -name comfy_api_nodes -o -name comfy_extras \) -prune -o -type f \( -name '*.py' -o \( \
+    \( \( -name '*.json' -size -64k \) -o -name '*.yaml' \) ! -path '*tokenizer*' \) \) -print) |
     while read -r f; do mkdir -p "$OUT/ComfyUI-0.30.0/$(dirname "$f")"; cp "$TREE/$f" "$OUT/ComfyUI-0.30.0/$f"; done
 
 du -sh "$OUT/wheels" "$OUT/ComfyUI-0.30.0"
