@@ -3,7 +3,8 @@
 # ComfyUI and nothing to download from (see bench/README.md, "On a lent GPU"):
 #   .device/wheels/           the Python 3.12 x86-64 wheels of core ComfyUI's compiled dependencies
 #                             (comfy-kitchen: the fused RoPE/RMSNorm kernels core's Z-Image model uses on CUDA;
-#                             comfy-aimdo: imported by its model management), versions as ComfyUI pins them
+#                             comfy-aimdo: imported by its model management), versions as ComfyUI pins them,
+#                             and of torchsde, which the pack's import needs and the image does not have
 #   .device/ComfyUI-0.30.0/   its source tree without the tokenizer vocabularies and front-end data (the
 #                             benchmark feeds token ids), small enough to travel with the repo
 # Needs the runtime (scripts/setup_runtime.sh) and PyPI. .device/ is git-ignored; the device tool carries it.
@@ -15,6 +16,11 @@ OUT=.device
 rm -rf "$OUT" && mkdir -p "$OUT/wheels"
 
 pins=$(grep -E '^comfy-(kitchen|aimdo)==' "$TREE/requirements.txt")
+# Pure-Python imports of comfy.* that the machine's image lacks (torchsde: comfy.k_diffusion.sampling, which
+# the pack's sampler imports through comfy.sample), at the versions the runtime installed.
+for dist in torchsde trampoline; do
+    pins="$pins $dist==$(.runtime/venv/bin/python -m pip show "$dist" | sed -n 's/^Version: //p')"
+done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUT/wheels" $pins
