@@ -24,7 +24,6 @@ for path in (REPO, REPO / "scripts"):
         sys.path.insert(0, str(path))
 
 import comfy_tree  # noqa: E402
-from comfy_tree import comfy_nextdit  # noqa: E402,F401  (the benchmarks' reference model, used via common)
 from zimage_core.config import DiTConfig  # noqa: E402
 from zimage_core.text_encoder import Qwen3Config  # noqa: E402
 

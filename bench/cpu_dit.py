@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (comfy_nextdit, dit_flops, dit_token_counts, fmt_ms, import_comfy, matmul_peak,  # noqa: E402
+from common import (dit_flops, dit_token_counts, fmt_ms, import_comfy, matmul_peak,  # noqa: E402
                     print_table, randomize_, share_weights, summary, time_once, write_result)
+from comfy_tree import comfy_nextdit  # noqa: E402  (scripts/ is on the path once common is imported)
 from zimage_core.config import DiTConfig  # noqa: E402
 from zimage_core.dit import ZImageDiT  # noqa: E402
 from zimage_core.fastpath import FAST, PLAIN, FastPath, configure  # noqa: E402

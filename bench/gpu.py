@@ -37,13 +37,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (comfy_nextdit, dit_flops, flop_counter, fmt_gib, import_comfy, matmul_peak,  # noqa: E402
+from common import (dit_flops, flop_counter, fmt_gib, import_comfy, matmul_peak,  # noqa: E402
                     materialise_random, print_table, share_weights, summary, sync, text_encoder_flops,
                     time_once, write_result)
-from comfy_tree import import_pack  # noqa: E402  (scripts/ is on the path once common is imported)
+from comfy_tree import comfy_nextdit, import_pack  # noqa: E402  (scripts/ is on the path once common is imported)
 from zimage_core.config import TURBO, DiTConfig  # noqa: E402
 from zimage_core.dit import ZImageDiT  # noqa: E402
-from zimage_core.fastpath import FAST, PLAIN, compile_blocks, configure  # noqa: E402
+from zimage_core.fastpath import FAST, PLAIN, FastPath, configure  # noqa: E402
 from zimage_core.memory import POLICIES  # noqa: E402
 from zimage_core.quant import store_blocks_in_fp8, use_fp8_matmul  # noqa: E402
 from zimage_core.pipeline import ZImageModels, ZImagePipeline  # noqa: E402
@@ -193,7 +193,7 @@ def dit_variant(name: str, dit: ZImageDiT) -> ZImageDiT:
     if name == "pack-plain":
         return configure(twin, PLAIN)
     if name == "pack-compile":
-        return compile_blocks(configure(twin, FAST))
+        return configure(twin, FastPath(compile=True))
     if name == "pack-fp8":
         converted = use_fp8_matmul(configure(twin, FAST))
         print(f"pack-fp8: {len(converted)} block Linears in fp8 matmul" if converted else

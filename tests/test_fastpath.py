@@ -11,7 +11,7 @@ from conftest import randomize, rel_err
 from zimage_core import layers, quant
 from zimage_core.config import TINY, TINY_DEEP
 from zimage_core.dit import TransformerBlock, ZImageDiT
-from zimage_core.fastpath import FAST, PLAIN, FastPath, compile_blocks, configure
+from zimage_core.fastpath import FAST, PLAIN, FastPath, configure
 from zimage_core.sampling import sample, sigma_schedule
 
 EXACT_FP32 = 1e-6         # fast options reorder no arithmetic: in fp32 they agree to rounding (measured 0)
@@ -131,7 +131,7 @@ def test_compiled_blocks_equal_eager_and_do_not_recompile_between_steps():
     ts = [torch.tensor([v]) for v in (0.1, 0.5, 0.9)]
     with torch.no_grad():
         eager = [model(x, t, caps) for t in ts]
-        compile_blocks(model)
+        configure(model, FastPath(fused_norm=False, complex_rope=False, attention="default", compile=True))
         first = model(x, ts[0], caps)
         graphs = counters["stats"]["unique_graphs"]
         compiled = [model(x, t, caps) for t in ts]
@@ -155,7 +155,7 @@ def test_compiled_blocks_per_run_equal_eager_and_leave_the_model_as_it_was():
         after = model(x, t, caps)
     assert rel_err(compiled, eager)[1] <= 1e-5
     assert torch.equal(after, eager) and not model.compiled
-    wrappers = model.__dict__["_compiled"]["layers"]
+    wrappers = model._compiled["layers"]
     assert [w._orig_mod for w in wrappers] == list(model.layers)      # wrappers of the same modules, no copy
     assert set(model.state_dict()) == keys
 
@@ -192,7 +192,7 @@ def test_a_failing_compile_is_logged_once_and_runs_eager(monkeypatch, caplog):
     x, t, caps = inputs(cap_lens=(7,))
     with torch.no_grad():
         eager = model(x, t, caps)
-        compile_blocks(model)
+        model.compiled = True
         with caplog.at_level("WARNING"):
             first, second = model(x, t, caps), model(x, t, caps)
     torch._dynamo.reset()

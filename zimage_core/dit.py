@@ -41,18 +41,20 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: RopeTable, key_mask: Tensor | None) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)   # each (B, L, H, D)
-        # inductor generates no code for complex ops: compiled, the real-valued rotation (which it fuses)
-        use_complex = self.complex_rope and not torch.compiler.is_compiling()
-        q = rope.rotate(self.q_norm(q), use_complex)
-        k = rope.rotate(self.k_norm(k), use_complex)
+        q = rope.rotate(self.q_norm(q), self.use_complex_rope())
+        k = rope.rotate(self.k_norm(k), self.use_complex_rope())
         return self.out(attention(q, k, v, key_mask, self.backend))
+
+    def use_complex_rope(self) -> bool:
+        # inductor generates no code for complex ops: compiled, the real-valued rotation (which it fuses)
+        return self.complex_rope and not torch.compiler.is_compiling()
 
     def forward_fp16(self, x: Tensor, rope: RopeTable, key_mask: Tensor | None) -> Tensor:
         """fp32 in and out, fp16 matmuls on down-scaled inputs (layers.fp16_linear). q and k are normalised;
         v is scaled by a power of two for the fp16 attention kernel and scaled back after it."""
         q, k, v = fp16_linear(self.qkv, x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
-        q = rope.rotate(self.q_norm(q), self.complex_rope).half()
-        k = rope.rotate(self.k_norm(k), self.complex_rope).half()
+        q = rope.rotate(self.q_norm(q), self.use_complex_rope()).half()
+        k = rope.rotate(self.k_norm(k), self.use_complex_rope()).half()
         s = torch.exp2(torch.ceil(torch.log2(v.abs().amax().clamp_min(1.0))))
         out = attention(q, k, (v / s).half(), key_mask, self.backend).float() * s
         return fp16_linear(self.out, out)
@@ -181,9 +183,10 @@ class ZImageDiT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
         self._contexts: list[PromptContext] | None = None          # set only inside reuse_context()
-        self.compiled = False                                       # fastpath.compile_blocks sets it
+        self.compiled = False                                       # fastpath.configure sets it
         self._compile_scope = False                                 # set inside compiled_blocks()
         self._compile_failed = False
+        self._compiled: dict[str, list] = {}                        # torch.compile wrappers, made on first use
 
     def forward(self, x: Tensor, t: Tensor, captions: list[Tensor]) -> Tensor:
         if (self.compiled or self._compile_scope) and not self._compile_failed:
@@ -218,10 +221,9 @@ class ZImageDiT(nn.Module):
         modules = getattr(self, name)
         if not compiled:
             return modules
-        cache = self.__dict__.setdefault("_compiled", {})
-        if len(cache.get(name, ())) != len(modules):
-            cache[name] = [torch.compile(block, dynamic=False) for block in modules]
-        return cache[name]
+        if name not in self._compiled:
+            self._compiled[name] = [torch.compile(block, dynamic=False) for block in modules]
+        return self._compiled[name]
 
     def _forward(self, x: Tensor, t: Tensor, captions: list[Tensor], compiled: bool) -> Tensor:
         B, C, H, W = x.shape

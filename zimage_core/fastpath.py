@@ -4,9 +4,11 @@
     complex_rope   the RoPE rotation as a complex multiply (bit-identical, fewer passes)
     attention      'auto': the best SDPA kernel per device (cuDNN then flash on Hopper, FA3 when installed);
                    'default': torch's own choice
-    compile        torch.compile each transformer block (ZImageDiT.blocks); the blocks share one graph, and t
-                   being a tensor input, the steps of a run never recompile. Per run instead of per model:
-                   `with model.compiled_blocks():` (the ComfyUI compile node)
+    compile        torch.compile each transformer block (ZImageDiT.blocks). Per block, not the whole model: a
+                   whole-model graph would recompile whenever a caption length changes, while a block's graph
+                   depends only on its token count; dynamo treating parameters as inputs, one graph serves
+                   all same-shaped blocks, and t being a tensor input, every step. Per run instead of per
+                   model: `with model.compiled_blocks():` (the ComfyUI compile node)
 
 Reusing the prompt part across steps (context refiner, RoPE tables, masks) is ZImageDiT.reuse_context();
 cfg 1 runs one pass and cfg > 1 one batched pass (sampling.predict); fp8 matmul is quant.py.
@@ -47,14 +49,4 @@ def configure(model: nn.Module, fast: FastPath = FAST) -> nn.Module:
             module.backend = fast.attention
     if isinstance(model, ZImageDiT):
         model.compiled = fast.compile
-    return model
-
-
-def compile_blocks(model: ZImageDiT) -> ZImageDiT:
-    """Run every transformer block of `model` through torch.compile from now on (ZImageDiT.blocks).
-
-    Per block, not the whole model: a whole-model graph would recompile whenever a caption length changes;
-    a block's graph depends only on its token count, and dynamo treating parameters as inputs, one graph
-    serves all same-shaped blocks and every step (t is a tensor input)."""
-    model.compiled = True
     return model

@@ -14,8 +14,7 @@ class RMSNorm(nn.Module):
     """RMSNorm with a learned weight. Statistics in fp32 whatever the activation dtype, so bf16 and fp16
     runs normalise exactly as fp32 does (the official code uses the activation dtype; diffusers fp32).
 
-    `fused` (a fast-path option) uses torch's rms_norm kernel: the same fp32 arithmetic in one pass instead
-    of five elementwise ones over the activations."""
+    `fused` (a fast-path option): the same fp32 arithmetic in fewer passes over the activations (_fast)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -30,7 +29,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x * self.weight.float()).to(dtype)
-
 
     def _fast(self, x: Tensor) -> Tensor:
         """The same fp32 arithmetic, bit for bit, in fewer passes. On CUDA torch's rms_norm kernel (given fp32

@@ -31,7 +31,7 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# ---- the DiT's blocks streamed from CPU memory --------------------------------------------------------
+# ---- blocks streamed from CPU memory (the DiT's and the text encoder's) ------------------------------
 
 class BlockStreamer:
     """Keep each block's weights in (pinned) CPU memory and give them to the device only while the block runs.
