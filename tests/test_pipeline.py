@@ -117,6 +117,29 @@ def test_precision_policy_on_gpus(monkeypatch, bf16, expected):
     assert (d.dit, d.text_encoder, d.vae) == expected
 
 
+def test_pre_ampere_gpus_get_the_fp16_path_even_where_torch_says_bf16(monkeypatch):
+    """A T4 (7.5) in cuda:0 next to an A100 (8.0) in cuda:1. torch >= 2.3 answers is_bf16_supported() True on
+    the T4 too (it can emulate bf16), and about the current device whatever device is asked: both are faked as
+    torch answers them, so only the capability of the *given* device may decide."""
+    from zimage_core import precision
+    capabilities = {0: (7, 5), 1: (8, 0)}
+    asked = []
+
+    def capability(device=None):
+        index = torch.device(device).index if device is not None else 0
+        asked.append(index)
+        return capabilities[index or 0]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)     # the A100 is current; the T4 is asked
+    turing = precision.choose_dtypes("cuda:0")
+    assert (turing.dit, turing.text_encoder, turing.vae) == (torch.float16, torch.float32, torch.float32)
+    assert precision.choose_dtypes("cuda:0", "fp8_e4m3fn").dit == torch.float16    # fp8 computes in fp16 there
+    ampere = precision.choose_dtypes("cuda:1")
+    assert (ampere.dit, ampere.text_encoder, ampere.vae) == (torch.bfloat16,) * 3
+    assert 0 in asked and 1 in asked
+
+
 def test_diffusers_folder_and_split_files_give_identical_outputs(ours, tmp_path):
     """Round trip: what we loaded from the diffusers folder, written as ComfyUI split files, loads back equal."""
     from safetensors.torch import save_file

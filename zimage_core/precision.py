@@ -25,9 +25,17 @@ class PartDtypes:
     dit_fp8_matmul: bool = False   # and multiply them in fp8 where the GPU can (quant.fp8_matmul)
 
 
+BF16_CAPABILITY = (8, 0)       # Ampere: the first CUDA GPUs with bf16 tensor cores
+
+
 def has_bf16(device: torch.device) -> bool:
-    """bf16 worth running in: CUDA devices that support it. CPU bf16 matmul is slow or emulated on most CPUs."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 worth running in: CUDA devices of compute capability 8.0 or more (Ampere on). CPU bf16 matmul is
+    slow or emulated on most CPUs.
+
+    Not torch.cuda.is_bf16_supported(): since torch 2.3 it counts emulation and answers True on T4, V100 and
+    RTX 20xx / GTX 10-16 cards, where flash and mem-efficient attention refuse bf16 and GEMMs crawl; and it asks
+    the current device, not this one (a machine can mix generations)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_CAPABILITY
 
 
 def choose_dtypes(device: str | torch.device = "cpu", requested: str = "auto") -> PartDtypes:
