@@ -152,3 +152,26 @@ def test_model_space_round_trip() -> None:
     with torch.device("meta"):
         model = AutoEncoder(TINY)
     torch.testing.assert_close(model.from_model_space(model.to_model_space(z_raw)), z_raw)
+
+
+def test_mid_block_attention_gives_sdpa_inputs_contiguous_in_their_last_dim(pair, monkeypatch) -> None:
+    """CUDA's flash, mem-efficient and cuDNN SDPA kernels take only inputs with stride 1 in the last dim
+    (torch's check_last_dim_stride_equals_1); any other input falls to the math kernel, which holds the whole
+    (H*W)^2 score matrix. Every SDPA call of an encode and a decode is looked at, on real inputs."""
+    import torch.nn.functional as F
+    _, ours = pair
+    real = F.scaled_dot_product_attention
+    seen = []
+
+    def watching(*args, **kwargs):
+        seen.append([(t.shape, t.stride()) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", watching)
+    with torch.no_grad():
+        z = ours.encode(torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(3)))
+        ours.decode(z)
+    assert len(seen) == 2, "one mid-block attention in the encoder and one in the decoder"
+    for call in seen:
+        assert len(call) == 3
+        for shape, stride in call:
+            assert stride[-1] == 1, f"an SDPA input of shape {tuple(shape)} has strides {stride}"

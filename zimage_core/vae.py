@@ -151,8 +151,11 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
-        # (B, C, H, W) -> (B, 1 head, H*W, C); SDPA's default 1/sqrt(C) scaling is the LDM one.
-        q, k, v = (t.reshape(B, 1, C, H * W).transpose(-1, -2) for t in (self.q(h), self.k(h), self.v(h)))
+        # (B, C, H, W) -> (B, 1 head, H*W, C); SDPA's default 1/sqrt(C) scaling is the LDM one. Made contiguous:
+        # the transposed view has stride H*W in its last dim, and CUDA's flash, mem-efficient and cuDNN kernels
+        # all refuse such inputs, leaving the math kernel and its (H*W)^2 score matrix (8 GiB at 2048²).
+        q, k, v = (t.reshape(B, 1, C, H * W).transpose(-1, -2).contiguous()
+                   for t in (self.q(h), self.k(h), self.v(h)))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj_out(out)
