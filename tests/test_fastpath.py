@@ -321,3 +321,67 @@ def test_sdpa_priority_per_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert layers.sdpa_priority(torch.device("cuda"))[0] == SDPBackend.FLASH_ATTENTION
     assert SDPBackend.MATH in layers.sdpa_priority(torch.device("cuda"))      # always something that runs
+
+
+@pytest.mark.parametrize("torch_has", ["set_priority", "no set_priority"])
+def test_attention_auto_runs_with_and_without_sdpa_kernels_set_priority(monkeypatch, torch_has):
+    """torch < 2.6's sdpa_kernel has no set_priority: asking for it raised TypeError on every CUDA attention call
+    in 'auto' mode. The CPU is given a priority list here so the kernel context is really entered; the old
+    torch is its real sdpa_kernel behind the old signature."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    monkeypatch.setattr(layers, "sdpa_priority", lambda device: [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+    if torch_has == "no set_priority":
+        entered = []
+
+        def sdpa_kernel_before_2_6(backends):
+            entered.append(backends)
+            return sdpa_kernel(backends)
+        monkeypatch.setattr(layers, "sdpa_kernel", sdpa_kernel_before_2_6)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 4, 16, generator=g) for _ in range(3))
+    mask = torch.arange(40)[None] < torch.tensor([40, 29])[:, None]
+    for key_mask in (None, mask):
+        auto = layers.attention(q, k, v, key_mask, backend="auto")
+        default = layers.attention(q, k, v, key_mask, backend="default")
+        assert rel_err(auto, default)[1] <= EXACT_FP32
+    if torch_has == "no set_priority":
+        assert len(entered) == 2
+
+
+def test_scaled_fp8_linear_falls_back_when_the_fp8_product_is_refused(monkeypatch, caplog):
+    """A refused _scaled_mm computes the same product from the dequantised weight, logged once per device.
+    RuntimeError: the CPU build's real refusal of rowwise scales. ValueError: what torch 2.9 raises for
+    _scaled_mm argument errors on CUDA (TORCH_CHECK_VALUE); faked, there is no CUDA here to raise it."""
+    monkeypatch.setattr(quant.ScaledFP8Linear, "_refused", set())
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    x = torch.randn(3, 10, 64, dtype=torch.bfloat16)
+    rowwise = quant.ScaledFP8Linear(lin, "rowwise")
+    with caplog.at_level("WARNING"):
+        first, second = rowwise(x), rowwise(x)                      # the CPU refuses rowwise scales for real
+    expected = x @ rowwise.dequantized(torch.bfloat16).t()
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert rel_err(first.float(), lin(x).float())[1] <= FP8
+    refusals = [r.getMessage() for r in caplog.records if "fp8 matmul refused" in r.getMessage()]
+    assert len(refusals) == 1 and "RuntimeError" in refusals[0]
+
+    monkeypatch.setattr(quant.ScaledFP8Linear, "_refused", set())
+    per_tensor = quant.ScaledFP8Linear(lin, "tensor")
+    works = per_tensor(x)                                           # the CPU's per-tensor kernel runs
+
+    def value_error(*args, **kwargs):
+        raise ValueError("scale_b must have 48 elements")
+    monkeypatch.setattr(torch, "_scaled_mm", value_error)
+    fallback = per_tensor(x)
+    assert torch.equal(fallback, x @ per_tensor.dequantized(torch.bfloat16).t())
+    assert rel_err(fallback.float(), works.float())[1] <= FP8
+
+
+def test_fp8_matmul_takes_the_old_tuple_return(monkeypatch):
+    """torch < 2.4's _scaled_mm returned (out, amax)."""
+    real = torch._scaled_mm
+    w, scale = quant.quantize(torch.randn(48, 64), rowwise=False)
+    x = torch.randn(5, 64)
+    new = quant.fp8_matmul(x, w, scale, rowwise=False)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: (real(*a, **kw), torch.zeros(())))
+    assert torch.equal(quant.fp8_matmul(x, w, scale, rowwise=False), new)

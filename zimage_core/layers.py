@@ -1,7 +1,9 @@
 """Building blocks shared by the DiT and the text encoder: RMSNorm, SwiGLU, attention."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from contextlib import nullcontext
 
 import torch
@@ -122,6 +124,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, b
     # Traced by torch.compile, no kernel context: the compiler picks the SDPA kernel itself, and a context
     # manager with set_priority is not one every dynamo version can trace.
     order = sdpa_priority(q.device) if backend == "auto" and not torch.compiler.is_compiling() else None
-    with sdpa_kernel(order, set_priority=True) if order else nullcontext():
+    with kernel_order(order) if order else nullcontext():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, L, H * D)
+
+
+def kernel_order(order: list[SDPBackend]):
+    """sdpa_kernel trying `order` first to last. Its set_priority argument arrived in torch 2.6: before it,
+    the context can only restrict torch to these kernels (each still tried, in torch's own order), which
+    still keeps every one of them and the math kernel as the last resort."""
+    if _takes_priority(sdpa_kernel):
+        return sdpa_kernel(order, set_priority=True)
+    return sdpa_kernel(order)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_priority(context) -> bool:
+    # asked of the function itself, not of torch's version string: nightlies and vendor builds carry odd ones
+    try:
+        return "set_priority" in inspect.signature(context).parameters
+    except (TypeError, ValueError):               # no signature to read: assume the old one, which always works
+        return False

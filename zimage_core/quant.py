@@ -3,11 +3,15 @@ activation dtype. Embedders, norms, adaLN and the final layer stay in full preci
 the most sensitive to rounding)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 FP8 = torch.float8_e4m3fn
+log = logging.getLogger(__name__)
+
 BLOCKS = ("layers.", "noise_refiner.", "context_refiner.")
 QUANTISED = (".attention.qkv", ".attention.out", ".feed_forward.w1", ".feed_forward.w2", ".feed_forward.w3")
 
@@ -76,7 +80,15 @@ def fp8_matmul(x: Tensor, weight: Tensor, weight_scale: Tensor, rowwise: bool) -
     rows = x.reshape(-1, x.shape[-1])
     q, scale = quantize(rows, rowwise)
     out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=x.dtype)
+    out = out[0] if isinstance(out, tuple) else out          # torch < 2.4 also returned the output's amax
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# What a refused fp8 product raises. torch reports most _scaled_mm argument problems (a scale's shape or dtype,
+# a layout it has no kernel for) with TORCH_CHECK_VALUE, a ValueError in Python since 2.x, and the rest
+# (no kernel for this GPU or build, the CPU's per-tensor-only assert) as RuntimeError. Both mean: compute it
+# another way. Callers outside the engine (the ComfyUI adapter) catch the same tuple.
+SCALED_MM_ERRORS = (RuntimeError, ValueError)
 
 
 class ScaledFP8Linear(nn.Module):
@@ -94,8 +106,23 @@ class ScaledFP8Linear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_scale", scale.reshape(1, -1) if mode == "rowwise" else scale)
 
+    # devices whose _scaled_mm refused a product: they take the dequantised path from then on (logged once)
+    _refused: set[torch.device] = set()
+
     def forward(self, x: Tensor) -> Tensor:
-        return fp8_matmul(x, self.weight, self.weight_scale, rowwise=self.mode == "rowwise")
+        if x.device not in ScaledFP8Linear._refused:
+            try:
+                return fp8_matmul(x, self.weight, self.weight_scale, rowwise=self.mode == "rowwise")
+            except SCALED_MM_ERRORS as e:
+                ScaledFP8Linear._refused.add(x.device)
+                log.warning("Z-Image: fp8 matmul refused on %s (%s: %s); multiplying the fp8 weights in %s "
+                            "instead", x.device, type(e).__name__, e, x.dtype)
+        return F.linear(x, self.dequantized(x.dtype))
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The weight the fp8 product stands for (weight * its scale), in `dtype`: the fallback's operand."""
+        scale = self.weight_scale.reshape(-1, 1) if self.mode == "rowwise" else self.weight_scale
+        return (self.weight.float() * scale).to(dtype)
 
 
 def use_fp8_matmul(model: nn.Module, mode: str | None = None) -> list[str]:
