@@ -6,7 +6,7 @@ import torch
 
 from ..zimage_core.config import FLUX_LATENT
 from ..zimage_core.pipeline import MAX_SIDE, check_size
-from . import bridge, guard
+from . import guard
 from .loaders import CATEGORY
 
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3), "16:9": (16, 9),
@@ -22,6 +22,16 @@ def preset_size(aspect: str, base: int) -> tuple[int, int]:
     width = (base * base * a / b) ** 0.5
     height = width * b / a
     return round(width / MULTIPLE) * MULTIPLE, round(height / MULTIPLE) * MULTIPLE
+
+
+NONFINITE_HINT = ("a black image would have been saved. The values overflowed: load the model with weight_dtype "
+                  "bf16 or fp32 (not fp16) and keep cfg near 1")
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Before ComfyUI clamps inf into a flat white or black image."""
+    if not torch.isfinite(t).all():
+        raise ValueError(f"the {what} contains NaN or infinite values; {NONFINITE_HINT}")
 
 
 class ZImageTurboSize:
@@ -85,7 +95,7 @@ class ZImageTurboVAEDecode:
 
     def decode(self, samples, vae):
         latent = samples["samples"]
-        bridge.check_finite(latent, "latent")
+        check_finite(latent, "latent")
         channels = getattr(vae, "latent_channels", None)
         if latent.ndim != 4 or (channels is not None and latent.shape[1] != channels):
             raise ValueError(f"samples has shape {list(latent.shape)}, this VAE decodes (batch, {channels}, height/8, "
@@ -96,7 +106,7 @@ class ZImageTurboVAEDecode:
                                                                           latent.shape[0]), vae.decode, latent)
         if images.ndim == 5:                                    # some ComfyUI versions keep a frame axis
             images = images.reshape(-1, *images.shape[-3:])
-        bridge.check_finite(images, "decoded image")
+        check_finite(images, "decoded image")
         return (images,)
 
 
@@ -120,5 +130,5 @@ class ZImageTurboVAEEncode:
                              f"pixels; upscale or pad it first")
         latent = guard.run_guarded("encoding with the VAE", guard.vae_remedy(w, h, pixels.shape[0]),
                                    vae.encode, pixels[:, :h, :w, :3])
-        bridge.check_finite(latent, "encoded latent")
+        check_finite(latent, "encoded latent")
         return ({"samples": latent},)

@@ -1,30 +1,25 @@
-"""Loader nodes: the released files, picked from ComfyUI's model folders, out as core MODEL, CLIP and VAE."""
+"""Loader nodes: the released files, picked from ComfyUI's model folders, read and checked by the pack's strict
+loader, out as core ComfyUI's own Z-Image MODEL, CLIP and VAE (core_model, core_clip, core_vae)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import comfy.sd
 import comfy.model_management as mm
 import folder_paths
 
 from ..zimage_core.errors import ZImageError
-from ..zimage_core.loading import load_dit, load_text_encoder, load_vae
 from ..zimage_core.precision import FP8_FAST_NAME, FP8_NAME, NAMED, choose_dtypes
-from ..zimage_core.quant import store_blocks_in_fp8
-from ..zimage_core.tokenizer import PromptTokenizer
-from . import bridge
+from .core_clip import load_clip
+from .core_model import load_model
+from .core_vae import load_vae
 
 CATEGORY = "Z-Image Turbo"
 DTYPES = ["auto", *NAMED, FP8_NAME, FP8_FAST_NAME]
-DTYPE_TIP = ("Precision of the diffusion model and text encoder. auto: bf16 on GPUs that have it, else fp32. "
-             "fp8_e4m3fn stores the diffusion model's blocks in fp8 (half the memory, slightly less exact). "
-             "fp8_e4m3fn_fast also multiplies them in fp8 on GPUs with fp8 units (RTX 40xx/50xx, L4, H100): "
-             "faster, a little less exact again; elsewhere it is fp8_e4m3fn. The VAE never runs in fp16.")
-
-
-def comfy_tokenizer_dir() -> Path:
-    """The Qwen BPE files every ComfyUI with Z-Image ships (the same byte-level BPE as Qwen3's)."""
-    return Path(comfy.sd.__file__).parent / "text_encoders" / "qwen25_tokenizer"
+DTYPE_TIP = ("Precision of the diffusion model and text encoder. auto: bf16 on GPUs that have it (RTX 30xx and "
+             "newer), fp16 with an overflow guard on older GPUs, fp32 on CPU. fp8_e4m3fn stores the diffusion "
+             "model's blocks in fp8 (half the memory, slightly less exact). fp8_e4m3fn_fast also multiplies them in "
+             "fp8 on GPUs with fp8 units (RTX 40xx/50xx, L4, H100): faster, a little less exact again; elsewhere "
+             "it is fp8_e4m3fn. The VAE never runs in fp16.")
 
 
 def named(input_name: str, load, *args, **kwargs):
@@ -35,24 +30,14 @@ def named(input_name: str, load, *args, **kwargs):
         raise type(e)(f"{input_name}: {e}") from e
 
 
-def load_parts(dit_path, te_path, vae_path, weight_dtype: str, tokenizer_dir: Path | None = None,
+def load_parts(dit_path, te_path, vae_path, weight_dtype: str,
                inputs: tuple[str, str, str] = ("unet_name", "clip_name", "vae_name")):
     """inputs: the node inputs the three sources came from, for error messages."""
-    dtypes = choose_dtypes(mm.get_torch_device(), weight_dtype)
-    offload = mm.unet_offload_device()
-    dit, r1 = named(inputs[0], load_dit, dit_path, dtypes.dit, offload, model_cls=bridge.ComfyZImageDiT)
-    if dtypes.dit_fp8:
-        linears = store_blocks_in_fp8(dit)
-        for linear in linears:
-            linear.comfy_cast_weights = True        # ComfyUI's Linear then casts fp8 to the activation dtype
-        if dtypes.dit_fp8_matmul:
-            bridge.use_fp8_matmul_linears(linears)
-    te, r2 = named(inputs[1], load_text_encoder, te_path, dtypes.text_encoder, offload)
-    ae, r3 = named(inputs[2], load_vae, vae_path, dtypes.vae, offload)
-    for report in (r1, r2, r3):
-        bridge.log.info("Z-Image Turbo: loaded %s", report)
-    tokenizer = PromptTokenizer.from_dir(tokenizer_dir or comfy_tokenizer_dir())
-    return bridge.make_model(dit), bridge.make_clip(te, tokenizer), bridge.make_vae(ae)
+    text_dtype = choose_dtypes(mm.get_torch_device(), weight_dtype).text_encoder
+    model = named(inputs[0], load_model, dit_path, weight_dtype)
+    clip = named(inputs[1], load_clip, te_path, text_dtype)
+    vae = named(inputs[2], load_vae, vae_path)
+    return model, clip, vae
 
 
 class _LoaderNode:
@@ -64,7 +49,7 @@ class _LoaderNode:
 
 class ZImageTurboLoader(_LoaderNode):
     DESCRIPTION = ("Loads Z-Image-Turbo from ComfyUI's split files (diffusion model bf16 or fp8, Qwen3-4B text "
-                   "encoder, Flux VAE) into the pack's fast engine. Works with core nodes too.")
+                   "encoder, Flux VAE) as ComfyUI's own Z-Image model, text encoder and VAE: every core node works with them.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -87,7 +72,7 @@ class ZImageTurboLoader(_LoaderNode):
 
 class ZImageTurboCheckpointLoader(_LoaderNode):
     DESCRIPTION = ("Loads an all-in-one Z-Image-Turbo checkpoint (diffusion model, text encoder and VAE in one "
-                   "file, from models/checkpoints) into the pack's fast engine.")
+                   "file, from models/checkpoints) as ComfyUI's own Z-Image model, text encoder and VAE.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -115,7 +100,7 @@ def diffusers_folders() -> dict[str, Path]:
 
 class ZImageTurboDiffusersLoader(_LoaderNode):
     DESCRIPTION = ("Loads a Z-Image-Turbo diffusers folder (transformer/ shards, text_encoder/, vae/, "
-                   "tokenizer/) from models/diffusers into the pack's fast engine.")
+                   "tokenizer/) from models/diffusers as ComfyUI's own Z-Image model, text encoder and VAE (the text is tokenized by ComfyUI's Qwen tokenizer, the same vocabulary).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -131,6 +116,4 @@ class ZImageTurboDiffusersLoader(_LoaderNode):
             raise ValueError(f"model_path '{model_path}' is not a diffusers folder in models/diffusers; "
                              f"found: {', '.join(folders) or 'none'}")
         folder = folders[model_path]
-        tokenizer = folder / "tokenizer"
-        return load_parts(folder, folder, folder, weight_dtype, tokenizer if tokenizer.is_dir() else None,
-                          inputs=("model_path",) * 3)
+        return load_parts(folder, folder, folder, weight_dtype, inputs=("model_path",) * 3)

@@ -1,4 +1,6 @@
-"""The turbo sampler node: the engine's Euler flow sampler with ComfyUI's seed noise, progress bar and Stop."""
+"""The turbo sampler node: Turbo's exact schedule (shifted flow matching, Euler) run through core ComfyUI's
+sampling (comfy.sample.sample_custom), so LoRAs, model patches, wrappers, ControlNets, masks, partial loading
+and dynamic VRAM act here exactly as in KSampler; seed noise, progress bar and Stop as ComfyUI makes them."""
 from __future__ import annotations
 
 import math
@@ -6,22 +8,29 @@ import time
 
 import comfy.model_management as mm
 import comfy.sample
+import comfy.samplers
 import comfy.utils
 import torch
 
 from ..zimage_core.config import FLUX_LATENT, SAMPLING
 from ..zimage_core.pipeline import check_size
-from ..zimage_core.sampling import sample, sigma_schedule
-from . import bridge, guard, speed
+from ..zimage_core.sampling import sigma_schedule
+from . import guard, speed
 from .loaders import CATEGORY
 
 
-def captions(conditioning, batch: int, what: str) -> list[torch.Tensor]:
-    if len(conditioning) != 1:
-        raise ValueError(f"{what}: the turbo sampler takes one prompt per conditioning, got {len(conditioning)} "
-                         f"combined; write them as one prompt, or use core KSampler for combined conditionings")
-    cond = conditioning[0][0]                                   # (1, L, D)
-    return [cond[0]] * batch
+@torch.no_grad()
+def euler_flow(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Euler steps of the flow ODE in core's sampler interface (model returns the denoised latent). The same
+    arithmetic as core's `euler` without noise churn, kept here so the schedule and the steps are the pack's."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
 
 
 def check_numbers(**values: float) -> None:
@@ -54,14 +63,14 @@ def check_latent(samples: torch.Tensor) -> tuple[int, int, int]:
     return B, w * d, h * d
 
 
-def memory_to_keep(model, latent_shape, cfg: float) -> dict:
-    """What to ask ComfyUI to keep free for sampling, as core's samplers ask: the model's estimate for the batch
-    one forward runs (doubled when cfg > 1 batches cond and uncond), and for the plain batch as the least that
-    must fit (below it ComfyUI loads the weights partially). Without it ComfyUI keeps only its fixed ~1 GB,
-    short of what 2048² or a batch of 4 needs on a full GPU."""
-    batch = latent_shape[0] * (2 if cfg != 1.0 else 1)
-    return {"memory_required": model.model.memory_required([batch, *latent_shape[1:]]),
-            "minimum_memory_required": model.model.memory_required(list(latent_shape))}
+def progress(steps: int):
+    """core's sample_custom callback: the progress bar, and the Stop button checked after every step."""
+    bar = comfy.utils.ProgressBar(steps)
+
+    def on_step(step, x0, x, total):
+        bar.update_absolute(step + 1, total)
+        mm.throw_exception_if_processing_interrupted()
+    return on_step
 
 
 class ZImageTurboSampler:
@@ -76,7 +85,8 @@ class ZImageTurboSampler:
         d = SAMPLING
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "From a Z-Image Turbo loader node."}),
+                "model": ("MODEL", {"tooltip": "A Z-Image model: from a Z-Image Turbo loader node, core's loaders, "
+                                               "or after LoRA, ControlNet and other model patches."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode."}),
                 "latent_image": ("LATENT", {"tooltip": "An empty latent (sets size and batch) or an encoded image "
                                                        "for image-to-image with denoise < 1."}),
@@ -99,33 +109,26 @@ class ZImageTurboSampler:
 
     def run(self, model, positive, latent_image, seed, steps, cfg, shift, denoise, negative=None):
         started = time.perf_counter()
-        dit = bridge.engine_dit(model)
         check_numbers(cfg=cfg, shift=shift, denoise=denoise)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         B, width, height = check_latent(latent)
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         if cfg != 1.0 and negative is None:
             raise ValueError("cfg above 1 needs a negative conditioning: connect one, or set cfg to 1")
-        mm.load_models_gpu([model], **memory_to_keep(model, latent.shape, cfg))
-        device = model.load_device
-        fmt = model.model.latent_format
-        pos = [c.to(device) for c in captions(positive, B, "positive")]
-        neg = None if cfg == 1.0 else [c.to(device) for c in captions(negative, B, "negative")]
-        start = fmt.process_in(latent).to(device) if denoise < 1.0 else None
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = sigma_schedule(steps, shift, denoise)
-        bar = comfy.utils.ProgressBar(steps)
-
-        def on_step(i, n, x, denoised):
-            bar.update_absolute(i, n)
-            mm.throw_exception_if_processing_interrupted()      # the Stop button, checked after every step
-
-        with torch.no_grad(), dit.compiled_blocks(speed.wants_compiled(model)):
-            out = guard.run_guarded("sampling", guard.sampler_remedy(width, height, B),
-                                    sample, dit.raw, noise.to(device), sigmas, pos, neg, cfg, start, on_step)
-        samples = fmt.process_out(out.to(mm.intermediate_device()))
+        # at cfg 1 core never evaluates the negative (its cfg-1 shortcut); an empty list stands for it
+        samples = guard.run_guarded(
+            "sampling", guard.sampler_remedy(width, height, B), comfy.sample.sample_custom,
+            model, noise, cfg, comfy.samplers.KSAMPLER(euler_flow), sigmas, positive,
+            negative if negative is not None else [], latent, noise_mask=latent_image.get("noise_mask"),
+            callback=progress(steps), disable_pbar=True, seed=seed)
         # what the canvas shows with the result and the save node writes into PNGs: the values actually used
         info = {"seed": seed, "steps": steps, "cfg": cfg, "shift": shift, "denoise": denoise, "batch": B,
                 "width": width, "height": height,
                 "seconds": round(time.perf_counter() - started, 3),
-                "compiled": speed.wants_compiled(model) and not dit.compile_failed}
-        return {"ui": {"zimage": [info]}, "result": ({"samples": samples},)}
+                "compiled": speed.ran_compiled(model)}
+        out = latent_image.copy()
+        out["samples"] = samples
+        out.pop("noise_mask", None)
+        out.pop("downscale_ratio_spacial", None)
+        return {"ui": {"zimage": [info]}, "result": (out,)}

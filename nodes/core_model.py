@@ -1,0 +1,161 @@
+"""The MODEL the loaders return: core ComfyUI's own Z-Image (supported_models.ZImage -> model_base.Lumina2 ->
+NextDiT), sized from the file's shapes, holding the weights the pack's strict loader found and checked.
+
+Being core's model, everything ComfyUI does to a Z-Image model works on it as on core's: LoRA key maps, model
+patches (Fun ControlNet, ScaleROPE), wrappers, partial loading, dynamic VRAM, compile. What the pack adds comes
+through public hooks only: custom operations for fp8 matmul and the fp16 guard (pack_ops), the weights read
+from memory-mapped files (a bf16 file in bf16 is never copied into anonymous memory), fp8 storage of the block
+weights cast tensor by tensor, and `cached_patcher_init`, the factory ComfyUI calls for a non-dynamic copy.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+import torch
+from comfy.ldm.modules.diffusionmodules.mmdit import TimestepEmbedder
+
+from ..zimage_core.config import DiTConfig
+from ..zimage_core.errors import CheckpointMismatch
+from ..zimage_core.loading import prepare_dit
+from ..zimage_core.precision import choose_dtypes
+from ..zimage_core.quant import FP8, block_linears
+from . import pack_ops
+
+log = logging.getLogger("ZImageTurbo")
+
+# What ComfyUI reserves for one sampling call: memory_usage_factor * 0.01 * latent area * dtype size MiB.
+# Core's NextDiT peaks at 1.47 of that unit (counted tensor by tensor at Turbo size, tests/test_memory_estimate.py);
+# 0.30.0 ships 2.8 after 0.3.75's 1.7 ran out of memory on 12-16 GB cards (Comfy-Org/workflow_templates#340).
+# The pack sets 2.8 on every version, so 0.3.75 users get the margin too.
+MEMORY_USAGE_FACTOR = 2.8
+# 0.3.75's NextDiT has an unused final RMSNorm that no file holds; forward never reads it.
+UNUSED_CORE_KEYS = {"norm_final.weight"}
+
+
+def unet_config(cfg: DiTConfig) -> dict:
+    """Every NextDiT argument, from the pack's shape-inferred config. Core hard-codes a few sizes (adaLN and
+    final-layer width min(dim, 256), one refiner count); a file that differs is refused, not misread."""
+    problems = []
+    if cfg.n_noise_refiner != cfg.n_context_refiner:
+        problems.append(f"{cfg.n_noise_refiner} noise refiners but {cfg.n_context_refiner} context refiners")
+    if cfg.adaln_dim != min(cfg.dim, 256):
+        problems.append(f"timestep width {cfg.adaln_dim}, core's Z-Image needs min(dim, 256) = {min(cfg.dim, 256)}")
+    if problems:
+        raise CheckpointMismatch(f"this Z-Image variant cannot run as ComfyUI's Z-Image model: {'; '.join(problems)}")
+    return dict(image_model="lumina2", patch_size=cfg.patch_size, in_channels=cfg.in_channels, dim=cfg.dim,
+                n_layers=cfg.n_layers, n_refiner_layers=cfg.n_noise_refiner, n_heads=cfg.n_heads,
+                n_kv_heads=cfg.n_heads,
+                # FeedForward makes multiple_of * ceil(int(m * dim) / multiple_of): exactly ffn_hidden this way
+                multiple_of=cfg.ffn_hidden, ffn_dim_multiplier=cfg.ffn_hidden / cfg.dim, norm_eps=cfg.norm_eps,
+                qk_norm=True, cap_feat_dim=cfg.cap_feat_dim, axes_dims=list(cfg.axes_dims),
+                axes_lens=list(cfg.axes_lens), rope_theta=cfg.rope_theta, z_image_modulation=True,
+                time_scale=cfg.t_scale, pad_tokens_multiple=cfg.seq_multiple)
+
+
+def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: bool = False):
+    """core's Z-Image MODEL (a ModelPatcher) for a DiT file, all-in-one file or diffusers folder."""
+    meta_dit, report, read = prepare_dit(source)            # layout, config, strict key/shape check
+    cfg: DiTConfig = report.config
+    dtypes = choose_dtypes(mm.get_torch_device(), weight_dtype)
+    compute = dtypes.dit
+    fp16_guard = compute == torch.float16
+    if fp16_guard:                     # weights in fp16, everything else in fp32 (pack_ops.fp16_guarded_linear)
+        compute = torch.float32
+    custom_ops = dtypes.dit_fp8 or fp16_guard
+
+    mc = comfy.supported_models.ZImage(unet_config(cfg))
+    mc.memory_usage_factor = MEMORY_USAGE_FACTOR
+    load_device = mm.get_torch_device()
+    manual_cast = None if custom_ops else mm.unet_manual_cast(compute, load_device, mc.supported_inference_dtypes)
+    mc.set_inference_dtype(compute, manual_cast)
+    if custom_ops:
+        mc.custom_operations = pack_ops.PackOps
+    model = mc.get_model({}, "", device=torch.device("meta"))   # nothing allocated: the file's tensors go in
+    model.device = None
+    dit = model.diffusion_model
+    _size_timestep_embedder(dit, cfg, compute, mc.custom_operations)
+
+    # the block attention and FFN weights, as the pack's engine stores them narrower (adaLN stays in compute)
+    block_linear_weights = {f"{name}.weight" for _, _, name, _ in block_linears(meta_dit)}
+
+    def storage(key: str) -> torch.dtype:
+        if key in block_linear_weights:
+            if dtypes.dit_fp8:
+                return FP8
+            if fp16_guard:
+                return torch.float16
+        return compute
+
+    wanted = {k: tuple(v.shape) for k, v in dit.state_dict().items() if k not in UNUSED_CORE_KEYS}
+    sd = {}
+    for key in meta_dit.state_dict():
+        t = read(key)
+        sd[key] = t if t.dtype == storage(key) else t.to(storage(key))   # same dtype: the mapped tensor itself
+    _check_against_core(wanted, sd, report.file)
+    dit.load_state_dict(sd, strict=False, assign=True)
+    del sd
+    _materialise_unused(dit)
+    if dtypes.dit_fp8_matmul:
+        pack_ops.fp8_matmul_linears(dit)
+    if hasattr(mm, "archive_model_dtypes"):                     # 0.30.0+: dynamic VRAM reads the stored dtypes
+        mm.archive_model_dtypes(dit)
+
+    patcher_cls = comfy.model_patcher.ModelPatcher if disable_dynamic else \
+        getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    # ComfyUI 0.30.0+ asks this for a non-dynamic copy (core's compile node, hooks, multi-GPU)
+    patcher.cached_patcher_init = (load_model, (str(source), weight_dtype))
+    log.info("Z-Image: loaded %s as ComfyUI's Z-Image model (%s%s)", report, compute,
+             ", fp8 blocks" if dtypes.dit_fp8 else ", fp16 weights, fp32 compute" if fp16_guard else "")
+    return patcher
+
+
+def _size_timestep_embedder(dit: torch.nn.Module, cfg: DiTConfig, dtype: torch.dtype, ops) -> None:
+    """Core builds the timestep MLP as (256 -> min(dim, 1024) -> 256); the released file matches, diffusers-style
+    files (hidden 1024, out min(dim, 256)) do not below dim 1024: core's own class, at the file's sizes."""
+    mlp = dit.t_embedder.mlp
+    if (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (cfg.t_freq_dim, cfg.t_embed_hidden,
+                                                                         cfg.adaln_dim):
+        return
+    ops = ops or _ops_of(mlp[0])
+    dit.t_embedder = TimestepEmbedder(cfg.t_embed_hidden, frequency_embedding_size=cfg.t_freq_dim,
+                                      output_size=cfg.adaln_dim, dtype=dtype, device=torch.device("meta"),
+                                      operations=ops)
+
+
+def _ops_of(linear: torch.nn.Module):
+    """The operations family a core-built Linear came from (its class's enclosing ops class)."""
+    import comfy.ops
+    for family in (comfy.ops.manual_cast, comfy.ops.disable_weight_init):
+        if type(linear) is family.Linear:
+            return family
+    return comfy.ops.disable_weight_init
+
+
+def _check_against_core(wanted: dict, sd: dict, name: str) -> None:
+    """The pack's check already matched the file to its own DiT; this one matches it to core's, so a core
+    version that builds differently fails here with names instead of computing with missing weights."""
+    missing = sorted(set(wanted) - set(sd))
+    unexpected = sorted(set(sd) - set(wanted))
+    wrong = [k for k in set(wanted) & set(sd) if tuple(sd[k].shape) != wanted[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointMismatch(f"{name}: ComfyUI's Z-Image model does not take this file's tensors "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}); "
+                                 f"this ComfyUI version builds Z-Image differently: report it with the version")
+
+
+def _materialise_unused(dit: torch.nn.Module) -> None:
+    """Parameters no file holds (0.3.75's unused norm_final) stay on the meta device otherwise, where moving
+    the model fails; they are never read."""
+    for module in dit.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(module, name, torch.nn.Parameter(torch.ones(p.shape, dtype=p.dtype), requires_grad=False))
+    leftover = [n for n, b in dit.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"ComfyUI's Z-Image model kept buffers no file fills: {leftover[:3]}")
+
