@@ -201,6 +201,100 @@ def test_a_failing_compile_is_logged_once_and_runs_eager(monkeypatch, caplog):
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0]
 
 
+class CountingBackend:
+    """A torch.compile backend that runs each graph as traced (no code generation) and counts the graphs."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def compile_with(monkeypatch, backend) -> None:
+    """The model's own torch.compile call (its options kept), with `backend` in place of inductor."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, **{**kw, "backend": backend}))
+
+
+CAPTION_LENGTHS = [10 + 30 * i for i in range(10)]        # ten 32-token buckets: 32, 64, ..., 288 after padding
+LATENT_SIZES = [(8, 6), (16, 16), (12, 20)]               # 12, 64 and 60 image tokens (32, 64, 64 padded)
+
+
+def test_ten_caption_lengths_and_three_sizes_compile_a_bounded_number_of_graphs(monkeypatch, caplog):
+    """The token count is marked dynamic: one graph per kind of block call (modulated or not, masked or not,
+    batch 1 or 2), whatever the prompt length or size. Before, every new count compiled new graphs until
+    dynamo's recompile limit (8) sent the blocks to eager for good, still reported as compiled."""
+    torch._dynamo.reset()
+    counting = CountingBackend()
+    compile_with(monkeypatch, counting)
+    model = tiny_dit()
+    g = torch.Generator().manual_seed(2)
+    after_first = None
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        for h, w in LATENT_SIZES:
+            for n in CAPTION_LENGTHS:
+                x, t = torch.randn(1, TINY.in_channels, h, w, generator=g), torch.rand(1, generator=g)
+                caps = [torch.randn(n, TINY.cap_feat_dim, generator=g)]
+                eager = model(x, t, caps)
+                with model.compiled_blocks():
+                    compiled = model(x, t, caps)
+                after_first = after_first or counting.graphs
+                assert rel_err(compiled, eager)[1] <= EXACT_FP32, (h, w, n)
+        single = counting.graphs
+        # cfg > 1 batches two prompts of different lengths: the masked variants, batch 2
+        x, t = torch.randn(2, TINY.in_channels, 8, 6, generator=g), torch.rand(2, generator=g)
+        for lengths in [(7, 40), (90, 20), (33, 150), (250, 280)]:
+            caps = [torch.randn(n, TINY.cap_feat_dim, generator=g) for n in lengths]
+            eager = model(x, t, caps)
+            with model.compiled_blocks():
+                compiled = model(x, t, caps)
+            assert rel_err(compiled, eager)[1] <= EXACT_FP32, lengths
+    torch._dynamo.reset()
+    print(f"graphs: {after_first} after the first call, {single} after 30 single-prompt calls, "
+          f"{counting.graphs} with the batched ones")
+    # modulated blocks (noise refiner, layers) and the context refiner's: two graphs, made by the first call
+    assert single == after_first == 2
+    # batch 2: the noise refiner, the masked context refiner and the masked layers, once each
+    assert counting.graphs == 5
+    assert not model.compile_failed
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+def test_compile_failed_is_reported_when_dynamo_hits_its_recompile_limit(monkeypatch, caplog):
+    """With a limit of 1 the second kind of call (the context refiner after the modulated blocks) is past
+    it: dynamo would quietly run that block eager. The model must notice, say so once, and answer equal."""
+    torch._dynamo.reset()
+    compile_with(monkeypatch, CountingBackend())
+    model = tiny_dit()
+    x, t, caps = inputs(cap_lens=(7,))
+    with torch.no_grad(), caplog.at_level("WARNING"), torch._dynamo.config.patch(recompile_limit=1):
+        eager = model(x, t, caps)
+        with model.compiled_blocks():
+            first, second = model(x, t, caps), model(x, t, caps)
+    torch._dynamo.reset()
+    assert model.compile_failed
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "recompile_limit" in warnings[0]
+
+
+def test_an_input_error_under_compile_is_the_callers_and_leaves_compiling_on(monkeypatch):
+    """An error eager raises too (here: a latent size the 2x2 patches cannot cover) is raised as it is; it does
+    not count as a failed compile."""
+    torch._dynamo.reset()
+    compile_with(monkeypatch, CountingBackend())
+    model = tiny_dit()
+    x, t, caps = inputs(cap_lens=(7,))
+    with torch.no_grad(), model.compiled_blocks():
+        with pytest.raises(ValueError, match="multiples of 2"):
+            model(x[..., :5], t, caps)
+        model(x, t, caps)
+    torch._dynamo.reset()
+    assert not model.compile_failed
+
+
 # ---- fp16 without overflow ------------------------------------------------------------------------------
 
 def overflowing(model: ZImageDiT) -> ZImageDiT:

@@ -148,6 +148,23 @@ class PromptContext:
                 and all(a is b and _version(a) == v for a, b, v in zip(captions, self.captions, self.versions)))
 
 
+# What a compiled block's call raises when compiling, not the block, failed: the backend (no C++ compiler, no
+# Triton), dynamo itself (a graph break under fullgraph), or dynamo's recompile limit under fullgraph
+# (FailOnRecompileLimitHit is no TorchDynamoException).
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+
+
+def _dynamic_tokens(x: Tensor, rope: RopeTable, mask: Tensor | None = None) -> None:
+    """Mark the token dimension of a block's inputs dynamic before the compiled blocks see them. The token
+    count is the image's (a size) plus, in the main layers, the caption's rounded up to 32: traced as fixed
+    numbers, every prompt-length bucket and every size compiled new graphs (3 to 5 each, at minutes each at
+    full size) until dynamo's recompile limit (8) switched the blocks to eager for good. 'maybe': a count
+    of 1 (or anything dynamo must specialise) stays fixed instead of failing."""
+    for t in (x, rope.cos, rope.sin, mask):
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+
+
 def _version(t: Tensor) -> int | None:
     """The in-place modification counter; inference-mode tensors have none (identity must do)."""
     try:
@@ -192,16 +209,22 @@ class ZImageDiT(nn.Module):
         if (self.compiled or self._compile_scope) and not self._compile_failed:
             try:
                 return self._forward(x, t, captions, compiled=True)
-            except torch._dynamo.exc.BackendCompilerFailed as e:    # nothing was changed: run it again eager
+            except COMPILE_ERRORS as e:
+                # Nothing was changed: run it again eager. An error that eager raises too is the call's own
+                # (bad inputs), not the compiler's: it propagates from here and compiling stays on.
+                out = self._forward(x, t, captions, compiled=False)
                 self._compile_failed = True
                 reason = getattr(e, "inner_exception", None) or e         # the backend's own error
                 log.warning("Z-Image DiT: torch.compile failed (%s: %s); running without it from now on",
                             type(reason).__name__, reason)
+                return out
         return self._forward(x, t, captions, compiled=False)
 
     @property
     def compile_failed(self) -> bool:
-        """Whether torch.compile failed on this model (it then runs eager)."""
+        """Whether torch.compile failed on this model (it then runs eager): the backend failed, a block did
+        not trace as one graph, or dynamo reached its recompile limit (where it would otherwise run the block
+        eager without a word, and 'compiled' would be a lie)."""
         return self._compile_failed
 
     @contextmanager
@@ -222,7 +245,12 @@ class ZImageDiT(nn.Module):
         if not compiled:
             return modules
         if name not in self._compiled:
-            self._compiled[name] = [torch.compile(block, dynamic=False) for block in modules]
+            # fullgraph: a block that breaks into pieces, or a recompile past dynamo's limit (which would
+            # otherwise run the block eager, logged only as a dynamo warning), raises instead, and forward()
+            # says so (compile_failed). dynamic=None: shapes marked dynamic (_dynamic_tokens) are traced
+            # symbolically from the first call, and any other size that changes becomes dynamic on its first
+            # recompile (automatic dynamic) instead of costing a graph per value.
+            self._compiled[name] = [torch.compile(block, dynamic=None, fullgraph=True) for block in modules]
         return self._compiled[name]
 
     def _forward(self, x: Tensor, t: Tensor, captions: list[Tensor], compiled: bool) -> Tensor:
@@ -235,9 +263,13 @@ class ZImageDiT(nn.Module):
         if img.dtype == torch.float16:
             img = img.float()           # an fp16 model keeps its residual stream in fp32 (forward_fp16)
 
+        if compiled:
+            _dynamic_tokens(img, ctx.img_rope)
         for block in self.blocks("noise_refiner", compiled):
             img = block(img, ctx.img_rope, None, c)
         joint = torch.cat([img, ctx.cap], dim=1)     # [image, caption]: batch padding sits at the caption's end
+        if compiled:
+            _dynamic_tokens(joint, ctx.rope, ctx.mask)
         for block in self.blocks("layers", compiled):
             joint = block(joint, ctx.rope, ctx.mask, c)
 
@@ -273,6 +305,8 @@ class ZImageDiT(nn.Module):
         cap, cap_rope, cap_mask, cap_lens = self.embed_captions(captions)
         if cap.dtype == torch.float16:
             cap = cap.float()
+        if compiled:
+            _dynamic_tokens(cap, cap_rope, cap_mask)
         for block in self.blocks("context_refiner", compiled):      # it does not see t: the same every step
             cap = block(cap, cap_rope, cap_mask)
         n_img = (H // p) * (W // p)

@@ -5,10 +5,11 @@
     attention      'auto': the best SDPA kernel per device (cuDNN then flash on Hopper, FA3 when installed);
                    'default': torch's own choice
     compile        torch.compile each transformer block (ZImageDiT.blocks). Per block, not the whole model: a
-                   whole-model graph would recompile whenever a caption length changes, while a block's graph
-                   depends only on its token count; dynamo treating parameters as inputs, one graph serves
-                   all same-shaped blocks, and t being a tensor input, every step. Per run instead of per
-                   model: `with model.compiled_blocks():` (the ComfyUI compile node)
+                   whole-model graph would hold the caption's Python-side work (per-caption padding, masks),
+                   while a block sees only tensors. Its token count is traced as a symbol (marked dynamic), so
+                   neither prompt length nor size compiles a new graph; dynamo treating parameters as inputs,
+                   one graph serves all blocks of a kind, and t being a tensor input, every step. Per run
+                   instead of per model: `with model.compiled_blocks():` (the ComfyUI compile node)
 
 Reusing the prompt part across steps (context refiner, RoPE tables, masks) is ZImageDiT.reuse_context();
 cfg 1 runs one pass and cfg > 1 one batched pass (sampling.predict); fp8 matmul is quant.py.
