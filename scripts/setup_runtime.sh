@@ -77,4 +77,23 @@ if ! step_done frontend-0.3.75; then
   mark frontend-0.3.75
 fi
 
+if ! step_done queue-1; then
+  # the queue (Celery, redis-py, Flower) and the zimage-worker command: the pack reinstalled with its test extras
+  "$V/pip" install -q -c constraints.txt -e "$here[test]"
+  mark queue-1
+fi
+
+if ! step_done redis-server; then
+  # Debian's Redis 7 for the queue tests (tests/test_queue.py starts its own on 127.0.0.1; they skip, saying
+  # why, when it is missing). Not fatal: without root or apt the rest of the runtime still works.
+  if command -v redis-server >/dev/null; then
+    mark redis-server
+  elif { apt-get install -y -q redis-server >/dev/null 2>&1 ||
+         { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; then
+    mark redis-server
+  else
+    echo "setup_runtime: could not install redis-server (apt-get install redis-server); the queue tests will skip" >&2
+  fi
+fi
+
 "$V/python" -c "import torch, torchvision, torchaudio, diffusers, transformers; print('runtime ready:', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"

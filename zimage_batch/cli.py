@@ -41,6 +41,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip jobs the log records as done whose images are still there (same row, same workflow)")
     p.add_argument("--check", action="store_true", help="only check the jobs against the workflow; send nothing")
+    queue = p.add_argument_group("queue (many ComfyUIs behind Celery workers; needs the 'queue' extra)")
+    queue.add_argument("--broker", nargs="?", const="", metavar="URL",
+                       help="send the jobs to this Redis queue instead of --server: redis://USER@HOST:6379/0 or "
+                            "rediss://... for TLS; alone, the URL in $ZIMAGE_BROKER. The password comes from "
+                            "$ZIMAGE_BROKER_PASSWORD_FILE or $ZIMAGE_BROKER_PASSWORD, never the command line")
+    queue.add_argument("--shared-dir", type=Path,
+                       help="a folder the workers share with this machine: they write the images under it, and "
+                            "--out must be inside it (default: images come back through the result backend)")
+    queue.add_argument("--tls-ca", help="CA file that signed the broker's certificate (or $ZIMAGE_TLS_CA)")
+    queue.add_argument("--tls-cert", help="client certificate, if the broker asks for one (or $ZIMAGE_TLS_CERT)")
+    queue.add_argument("--tls-key", help="its key (or $ZIMAGE_TLS_KEY)")
     return p
 
 
@@ -61,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     log = args.log or args.out / "log.jsonl"
     progress = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     started = time.monotonic()
-    batch = Batch(ComfyClient(args.server, retries=args.retries), template, jobs, args.out, log,
-                  timeout=args.timeout, depth=args.depth, progress=progress,
-                  skip=done_in_log(log) if args.resume else set())
+    skip = done_in_log(log) if args.resume else set()
+    if args.broker is not None:
+        batch = queue_batch(args, template, jobs, log, progress, skip)
+        if batch is None:
+            return 2
+    else:
+        batch = Batch(ComfyClient(args.server, retries=args.retries), template, jobs, args.out, log,
+                      timeout=args.timeout, depth=args.depth, progress=progress, skip=skip)
     try:
         records = batch.run()
     except JobsError as e:                       # rows outside the server's own limits, found before sending
@@ -81,3 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     if batch.cancelled:
         return 130                       # the shell's code for "stopped by Ctrl-C"
     return 1 if failed else 0
+
+
+def queue_batch(args, template, jobs, log, progress, skip):
+    """The queue mode's batch, after checking the broker accepts us; None (and the reason printed) if not."""
+    try:
+        from zimage_queue.app import make_app
+        from zimage_queue.broker import BrokerError, connect, load_broker
+        from zimage_queue.submit import QueueBatch
+    except ImportError as e:
+        print(f"zimage-batch: --broker needs Celery and redis ({e.name} is missing): pip install -e '.[queue]'",
+              file=sys.stderr)
+        return None
+    try:
+        broker = load_broker(args.broker or None, args.tls_ca, args.tls_cert, args.tls_key)
+        connect(broker).close()
+        batch = QueueBatch(make_app(broker), broker, template, jobs, args.out, log, timeout=args.timeout,
+                           retries=args.retries, progress=progress, skip=skip, shared_dir=args.shared_dir)
+        batch.place()
+    except (BrokerError, ValueError) as e:
+        print(f"zimage-batch: nothing was sent: {e}", file=sys.stderr)
+        return None
+    return batch
