@@ -253,3 +253,59 @@ def test_fp8_block_storage_halves_block_memory_and_stays_close(tmp_path, tiny_pa
     assert fp8.x_embedder.weight.dtype == torch.float32 and fp8.final_layer.linear.weight.dtype == torch.float32
     assert fp8.layers[0].adaLN_modulation[0].weight.dtype == torch.float32
     assert rel_err(dit_output(fp8), dit_output(full))[1] < 0.3
+
+
+# ---- fp8 blocks cast as they are read -------------------------------------------------------------------
+
+def test_fp8_blocks_on_read_equal_fp8_storage_after_loading(tmp_path, tiny_parts):
+    """load_dit(fp8_blocks=True) casts each block weight to fp8 as it is read; the model is the one the old
+    way made (everything in the compute dtype, then quant.store_blocks_in_fp8), bit for bit."""
+    from zimage_core.quant import FP8, CastLinear, store_blocks_in_fp8
+    path = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in tiny_parts[0].items()}, str(path))
+    for dtype in (torch.float32, torch.bfloat16):
+        after, _ = load_dit(path, dtype)
+        n = len(store_blocks_in_fp8(after))
+        on_read, report = load_dit(path, dtype, fp8_blocks=True)
+        assert report.fp8_blocks and "blocks fp8" in str(report)
+        assert isinstance(on_read.layers[0].feed_forward.w1, CastLinear)
+        a, b = after.state_dict(), on_read.state_dict()
+        assert sum(t.dtype == FP8 for t in b.values()) == n
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k].float(), b[k].float()) for k in a)
+        assert torch.equal(dit_output(on_read), dit_output(after))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_an_fp8_file_keeps_fp8_blocks_where_the_caller_lets_the_file_decide(tmp_path, tiny_parts, scaled):
+    """fp8_blocks=None: an fp8 release stays fp8 (unscaled: its bytes as stored; scaled: rescaled weights cast
+    back to fp8), a bf16 release stays in the compute dtype. The default (False) widens as before."""
+    from zimage_core.quant import FP8
+    fp8 = synthetic.to_fp8(tiny_parts[0], scaled)
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    save_file(tiny_parts[0], str(tmp_path / "fp32.safetensors"))
+    key = "layers.0.attention.qkv.weight"
+    kept, report = load_dit(tmp_path / "fp8.safetensors", torch.float32, fp8_blocks=None)
+    assert report.fp8_blocks and kept.state_dict()[key].dtype == FP8
+    scale = fp8[key.replace(".weight", ".scale_weight")] if scaled else 1.0
+    assert torch.equal(kept.state_dict()[key], (fp8[key].float() * scale).to(FP8))
+    if not scaled:
+        assert torch.equal(kept.state_dict()[key].view(torch.uint8), fp8[key].view(torch.uint8))
+    assert kept.state_dict()["layers.0.adaLN_modulation.0.weight"].dtype == torch.float32
+    widened, report = load_dit(tmp_path / "fp8.safetensors", torch.float32)
+    assert not report.fp8_blocks and widened.state_dict()[key].dtype == torch.float32
+    full, report = load_dit(tmp_path / "fp32.safetensors", torch.float32, fp8_blocks=None)
+    assert not report.fp8_blocks and full.state_dict()[key].dtype == torch.float32
+
+
+def test_the_same_weights_from_differently_laid_out_files_compute_the_same_bits(tmp_path, tiny_parts):
+    """CPU matmuls round differently with the weight's address mod 64. Left as views of the file's mapping,
+    weights sat wherever the header length put them, so one set of weights computed different bits from two
+    files (measured: ~5e-7 apart). Loaded weights own their memory (64-byte aligned) instead."""
+    outputs = []
+    for pad in (0, 24, 40):                         # header lengths 8-byte aligned, apart mod 64
+        path = tmp_path / f"pad{pad}.safetensors"
+        save_file(tiny_parts[0], str(path), metadata={"pad": "x" * pad} if pad else None)
+        model, _ = load_dit(path)
+        assert all(p.data_ptr() % 64 == 0 for p in model.parameters())
+        outputs.append(dit_output(model))
+    assert all(torch.equal(outputs[0], o) for o in outputs[1:])

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import keys as K
+from . import quant
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import DiTConfig
 from .dit import ZImageDiT
@@ -42,10 +43,13 @@ class LoadReport:
     dtype: torch.dtype
     source_dtypes: Counter = field(default_factory=Counter)
     ignored: list[str] = field(default_factory=list)
+    block_dtypes: dict[str, str] = field(default_factory=dict)      # DiT: our key -> the file's dtype name
+    fp8_blocks: bool = False                                          # DiT: block weights kept in fp8
 
     def __str__(self) -> str:
         src = ", ".join(f"{n} {d}" for d, n in self.source_dtypes.most_common())
-        return f"{self.file}: {PART_NAME[self.part]}, {self.layout} layout, {src} -> {self.dtype}"
+        blocks = ", blocks fp8" if self.fp8_blocks else ""
+        return f"{self.file}: {PART_NAME[self.part]}, {self.layout} layout, {src} -> {self.dtype}{blocks}"
 
 
 def open_part(source: Source, part: str) -> tuple[Checkpoint, str]:
@@ -115,11 +119,23 @@ def _build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def _materialise(model: nn.Module, read: Callable[[str], Tensor], dtype: torch.dtype, device) -> None:
-    """Read each tensor once, cast, move, and assign it in place of the meta parameter (no second copy)."""
+def _materialise(model: nn.Module, read: Callable[[str], Tensor], dtype: torch.dtype, device,
+                 stored: Mapping[str, torch.dtype] | None = None) -> None:
+    """Read each tensor once, cast, move, and assign it in place of the meta parameter (no second copy).
+
+    stored: keys kept in another dtype than `dtype` (fp8 block weights), cast here, tensor by tensor, so the
+    largest thing ever held besides the model is one tensor as read. CPU tensors get memory of their own, not
+    a view of the file's mapping: CPU kernels round differently with the weight's address mod 64 (the file's
+    header length decided it, so the same weights from two files computed different bits), and a model tied
+    to a mapped file would fault if that file were replaced on disk."""
     sd = {}
     for key in model.state_dict():
-        sd[key] = read(key).to(device=device, dtype=dtype)
+        src = read(key)
+        t = src.to(device=device, dtype=(stored or {}).get(key, dtype))
+        if t.device.type == "cpu" and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+            t = t.clone(memory_format=torch.contiguous_format)
+        sd[key] = t
+        del src, t
     model.load_state_dict(sd, strict=True, assign=True)
     model.eval().requires_grad_(False)
 
@@ -133,9 +149,10 @@ def _checked_model(model_cls: type, config_cls: type, shapes: Mapping[str, tuple
     return model, cfg
 
 
-def _load(prepared: tuple[nn.Module, "LoadReport", Callable[[str], Tensor]], dtype: torch.dtype, device):
+def _load(prepared: tuple[nn.Module, "LoadReport", Callable[[str], Tensor]], dtype: torch.dtype, device,
+          stored: Mapping[str, torch.dtype] | None = None):
     model, report, read = prepared
-    _materialise(model, read, dtype, device)
+    _materialise(model, read, dtype, device, stored)
     report.dtype = dtype
     return model, report
 
@@ -164,16 +181,23 @@ def dit_plan(ckpt: Checkpoint) -> tuple[str, dict[str, str | tuple[str, ...]], l
 
 
 def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]]) -> Callable[[str], Tensor]:
+    """read(our key) -> the weight's value, in a dtype that holds it exactly: as stored, or fp32 where an fp8
+    weight has a scale to apply."""
     def read(key: str) -> Tensor:
         src = plan[key]
         if isinstance(src, tuple):
-            return torch.cat([_dequantized(ckpt, s) for s in src])
+            parts = [_dequantized(ckpt, s) for s in src]
+            if len({p.dtype for p in parts}) > 1:                # fused q, k, v stored differently: widen
+                parts = [p.float() for p in parts]
+            return torch.cat(parts)
         return _dequantized(ckpt, src)
     return read
 
 
 def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
-    """fp8 weights times their scale (ComfyUI's scale_weight / weight_scale), in fp32; others as stored."""
+    """fp8 weights times their scale (ComfyUI's scale_weight / weight_scale), in fp32; others, and unscaled fp8
+    weights, as stored (every fp8 value is exact in bf16 and fp32: the cast to the target dtype is lossless,
+    and fp8 storage keeps them without ever widening them)."""
     t = ckpt.read(key)
     if ckpt.dtypes[key] not in FP8_DTYPES:
         return t
@@ -182,14 +206,30 @@ def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
         if scale_key in ckpt.shapes:
             scale = ckpt.read(scale_key).float()
             return t.float() * (scale if scale.ndim == 0 else scale.reshape(-1, *[1] * (t.ndim - 1)))
-    return t.float()
+    return t
 
 
 def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu",
-             model_cls: type[ZImageDiT] = ZImageDiT, fast: FastPath = FAST) -> tuple[ZImageDiT, LoadReport]:
+             model_cls: type[ZImageDiT] = ZImageDiT, fast: FastPath = FAST,
+             fp8_blocks: bool | None = False) -> tuple[ZImageDiT, LoadReport]:
     """model_cls: ZImageDiT or a subclass with the same parameters (the ComfyUI adapter). fast: the fast-path
-    options it runs with (fastpath.PLAIN for the reference path)."""
-    model, report = _load(prepare_dit(source, model_cls), dtype, device)
+    options it runs with (fastpath.PLAIN for the reference path).
+
+    fp8_blocks: store the block attention and FFN weights in fp8 (quant.store_blocks_in_fp8), cast to fp8
+    tensor by tensor as they are read: loading then holds the fp8 model plus one tensor, never the whole model
+    in `dtype` first (12.3 GB in bf16, 24.6 in fp32 for Turbo). True: always; None: where the file stores them
+    in fp8 (an fp8 release keeps its size); False: everything in `dtype`. report.fp8_blocks says which it was.
+    Plain nn.Linears holding fp8 become quant.CastLinears; a Linear subclass must cast by itself (ComfyUI's,
+    once told to: set comfy_cast_weights on quant.block_linears' modules)."""
+    model, report, read = prepare_dit(source, model_cls)
+    weights = {f"{name}.weight" for _, _, name, _ in quant.block_linears(model)}
+    if fp8_blocks is None:
+        fp8_blocks = all(report.block_dtypes.get(k) in FP8_DTYPES for k in weights)
+    stored = dict.fromkeys(weights, quant.FP8) if fp8_blocks else None
+    model, report = _load((model, report, read), dtype, device, stored)
+    if fp8_blocks:
+        quant.store_blocks_in_fp8(model)          # already fp8: only the CastLinear class is set
+    report.fp8_blocks = bool(fp8_blocks)
     return configure(model, fast), report
 
 
@@ -200,7 +240,15 @@ def prepare_dit(source: Source, model_cls: type[ZImageDiT] = ZImageDiT
     layout, plan, ignored = dit_plan(ckpt)
     shapes = {k: _plan_shape(ckpt, v) for k, v in plan.items()}
     model, cfg = _checked_model(model_cls, DiTConfig, shapes, ckpt, "dit", layout)
-    return model, _report(ckpt, "dit", f"{layout} ({how})", cfg, None, ignored), _dit_reader(ckpt, plan)
+    report = _report(ckpt, "dit", f"{layout} ({how})", cfg, None, ignored)
+    report.block_dtypes = {k: _plan_dtype(ckpt, v) for k, v in plan.items()}
+    return model, report, _dit_reader(ckpt, plan)
+
+
+def _plan_dtype(ckpt: Checkpoint, src: str | tuple[str, ...]) -> str:
+    """The file's dtype name for one of our keys ('mixed' where fused parts differ)."""
+    names = {ckpt.dtypes[s] for s in ((src,) if isinstance(src, str) else src)}
+    return names.pop() if len(names) == 1 else "mixed"
 
 
 def _plan_shape(ckpt: Checkpoint, src: str | tuple[str, ...]) -> tuple[int, ...]:

@@ -59,7 +59,8 @@ def load_zimage(dit: Source, text_encoder: Source | None = None, vae: Source | N
                 device: str | torch.device = "cpu") -> ZImageModels:
     """Load every part. With only `dit`, it must be an all-in-one file or a diffusers folder holding them all;
     the tokenizer defaults to a diffusers folder's tokenizer/. dtype: 'auto', 'bf16', 'fp16' or 'fp32' for the
-    DiT and text encoder; the VAE follows precision.choose_dtypes (never fp16)."""
+    DiT and text encoder, or 'fp8_e4m3fn' (the DiT's blocks stored in fp8, cast as they are read); the VAE
+    follows precision.choose_dtypes (never fp16). With 'auto' an fp8 DiT file keeps its blocks in fp8."""
     te_source = text_encoder if text_encoder is not None else dit
     vae_source = vae if vae is not None else dit
     if tokenizer is None:
@@ -68,7 +69,7 @@ def load_zimage(dit: Source, text_encoder: Source | None = None, vae: Source | N
             raise FileNotFoundError("no tokenizer folder given and none found next to the weights: pass the "
                                     "folder holding vocab.json and merges.txt (or tokenizer.json)")
     dtypes = choose_dtypes(device, dtype)
-    d, rd = load_dit(dit, dtypes.dit, device)
+    d, rd = load_dit(dit, dtypes.dit, device, fp8_blocks=True if dtypes.dit_fp8 else None if dtype == "auto" else False)
     te, rt = load_text_encoder(te_source, dtypes.text_encoder, device)
     ae, rv = load_vae(vae_source, dtypes.vae, device)
     return ZImageModels(d, te, ae, PromptTokenizer.from_dir(tokenizer), [rd, rt, rv])
