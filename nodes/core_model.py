@@ -90,7 +90,7 @@ def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: 
                 return torch.float16
         return compute
 
-    wanted = {k: tuple(v.shape) for k, v in dit.state_dict().items() if k not in UNUSED_CORE_KEYS}
+    wanted = {k: v for k, v in expected_tensors(dit).items() if k not in UNUSED_CORE_KEYS}
     sd = {}
     for key in meta_dit.state_dict():
         t = read(key)
@@ -112,6 +112,18 @@ def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: 
     log.info("Z-Image: loaded %s as ComfyUI's Z-Image model (%s%s)", report, compute,
              ", fp8 blocks" if dtypes.dit_fp8 else ", fp16 weights, fp32 compute" if fp16_guard else "")
     return patcher
+
+
+def expected_tensors(module: torch.nn.Module) -> dict[str, tuple]:
+    """Every tensor key core's model takes, with its shape. Under 0.30.0's dynamic VRAM core's Linears are made
+    without weights (filled from the state dict, unchecked): their keys and shapes come from their sizes."""
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.weight is None:
+            shapes[f"{name}.weight"] = (m.out_features, m.in_features)
+            if getattr(m, "comfy_need_lazy_init_bias", False):
+                shapes[f"{name}.bias"] = (m.out_features,)
+    return shapes
 
 
 def _size_timestep_embedder(dit: torch.nn.Module, cfg: DiTConfig, dtype: torch.dtype, ops) -> None:

@@ -1,6 +1,8 @@
 """Size and VAE nodes: presets that fit the model, and decoding that never saves a silent black image."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import comfy.model_management as mm
 import torch
 
@@ -32,6 +34,27 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     """Before ComfyUI clamps inf into a flat white or black image."""
     if not torch.isfinite(t).all():
         raise ValueError(f"the {what} contains NaN or infinite values; {NONFINITE_HINT}")
+
+
+@contextmanager
+def watch_decoder(vae):
+    """Yields a list that gets an entry when the VAE's decoder outputs NaN or inf. Core's VAE clamps its output
+    into [0, 1], where inf is a flat white image and NaN black: only the decoder's own output still shows it.
+    A torch forward hook on the decoder module (every core VAE has one; tiled decoding calls it too)."""
+    seen: list[bool] = []
+    decoder = getattr(getattr(vae, "first_stage_model", None), "decoder", None)
+    if not isinstance(decoder, torch.nn.Module):
+        yield seen
+        return
+
+    def check(module, args, output):
+        if isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+            seen.append(True)
+    handle = decoder.register_forward_hook(check)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 class ZImageTurboSize:
@@ -102,8 +125,11 @@ class ZImageTurboVAEDecode:
                              f"width/8): connect the Z-Image Turbo Sampler's (or KSampler's) output, not an empty "
                              f"latent or one from another model")
         d = FLUX_LATENT.downscale
-        images = guard.run_guarded("decoding with the VAE", guard.vae_remedy(latent.shape[-1] * d, latent.shape[-2] * d,
-                                                                          latent.shape[0]), vae.decode, latent)
+        with watch_decoder(vae) as nonfinite:
+            images = guard.run_guarded("decoding with the VAE", guard.vae_remedy(
+                latent.shape[-1] * d, latent.shape[-2] * d, latent.shape[0]), vae.decode, latent)
+        if nonfinite:
+            raise ValueError(f"the decoded image contains NaN or infinite values; {NONFINITE_HINT}")
         if images.ndim == 5:                                    # some ComfyUI versions keep a frame axis
             images = images.reshape(-1, *images.shape[-3:])
         check_finite(images, "decoded image")

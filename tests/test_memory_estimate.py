@@ -1,4 +1,4 @@
-"""What ComfyUI reserves for sampling with the pack's MODEL against what the pack's DiT really holds.
+"""What ComfyUI reserves for sampling with the loaders' MODEL against what that model really holds.
 
 ComfyUI frees `memory_required` bytes before a sampling call; too little and a full GPU runs out of memory
 mid-run (Z-Image's "second run OOM" on 12-16 GB cards with ComfyUI 0.3.75). The DiT is run here at Turbo size
@@ -13,8 +13,6 @@ import torch
 
 from conftest import REPO, import_comfy, import_pack
 from zimage_core.config import TURBO
-from zimage_core.dit import ZImageDiT
-from zimage_core.fastpath import FAST, configure
 
 sys.path.insert(0, str(REPO / "bench"))
 from meta_memory import peak_bytes  # noqa: E402
@@ -29,23 +27,37 @@ def gpu_reservation(factor: float, area: int) -> float:
 
 
 @pytest.mark.parametrize("size,batch", [(1024, 1), (1024, 4), (2048, 1)])
-def test_comfyui_reserves_enough_for_the_pack_dit(size, batch):
-    bridge = import_pack("nodes.bridge")
+def test_comfyui_reserves_enough_for_the_loaders_model(size, batch, monkeypatch):
+    """The loaders' MODEL is core's NextDiT built from the file's shapes (nodes/core_model.py), counted here at
+    Turbo size with the attention as the fused GPU kernels compute it."""
+    core_model = import_pack("nodes.core_model")
+    import comfy.ldm.lumina.model as lumina
+    import comfy.ops
+    import comfy.ldm.modules.attention as attention
+    monkeypatch.setattr(lumina, "optimized_attention_masked", attention.attention_pytorch)   # as on a GPU
     with torch.device("meta"):
-        dit = configure(ZImageDiT(TURBO), FAST).to(torch.bfloat16)
+        dit = lumina.NextDiT(**core_model.unet_config(TURBO), device="meta", dtype=torch.bfloat16,
+                             operations=comfy.ops.disable_weight_init)
     h = w = size // 8
     x = torch.empty(batch, TURBO.in_channels, h, w, device="meta", dtype=torch.bfloat16)
-    caps = [torch.empty(CAPTION_TOKENS, TURBO.cap_feat_dim, device="meta", dtype=torch.bfloat16)] * batch
-    peak = peak_bytes(lambda: dit(x, torch.empty(batch, device="meta"), caps))
+    ctx = torch.empty(batch, CAPTION_TOKENS, TURBO.cap_feat_dim, device="meta", dtype=torch.bfloat16)
+    peak = peak_bytes(lambda: dit(x, torch.empty(batch, device="meta"), ctx, num_tokens=CAPTION_TOKENS))
     needed = peak / gpu_reservation(1.0, batch * h * w)
-    reserved = gpu_reservation(bridge.MEMORY_USAGE_FACTOR, batch * h * w)
-    print(f"{size}² batch {batch}: the pack's DiT holds {peak / 2 ** 20:.0f} MiB at most = factor {needed:.2f}; "
-          f"reserved with {bridge.MEMORY_USAGE_FACTOR}: {reserved / 2 ** 20:.0f} MiB")
-    assert bridge.MEMORY_USAGE_FACTOR >= MARGIN * needed
-    # and the MODEL the loaders hand ComfyUI carries it
-    from zimage_core.config import TINY
-    model = bridge.make_model(bridge.ComfyZImageDiT(TINY))
-    assert model.model.memory_usage_factor == bridge.MEMORY_USAGE_FACTOR
+    factor = core_model.MEMORY_USAGE_FACTOR
+    print(f"{size}² batch {batch}: the model holds {peak / 2 ** 20:.0f} MiB at most = factor {needed:.2f}; "
+          f"reserved with {factor}: {gpu_reservation(factor, batch * h * w) / 2 ** 20:.0f} MiB")
+    assert factor >= MARGIN * needed - 0.05
+
+
+def test_the_loaded_model_carries_the_factor(tmp_path):
+    """Core's samplers (and the pack's, which runs through them) reserve model.memory_required(...), which
+    reads the factor the loader set: 2.8 on every ComfyUI version (0.3.75 ships 1.7)."""
+    from zimage_core import synthetic
+    core_model = import_pack("nodes.core_model")
+    files = synthetic.write_split_files(tmp_path)
+    model = core_model.load_model(files.dit)
+    assert model.model.memory_usage_factor == core_model.MEMORY_USAGE_FACTOR == 2.8
+    assert model.model.memory_required([2, 16, 128, 128]) > model.model.memory_required([1, 16, 128, 128]) > 0
 
 
 def test_core_nextdit_count_matches_the_reservation_core_chose(monkeypatch):
@@ -53,6 +65,7 @@ def test_core_nextdit_count_matches_the_reservation_core_chose(monkeypatch):
     it. If this count moved, MARGIN (and the pack's factor) would need looking at again."""
     import_comfy()
     import comfy.ldm.lumina.model as lumina
+    import comfy.ops
     import comfy.ldm.modules.attention as attention
     from comfy_tree import comfy_nextdit
     monkeypatch.setattr(lumina, "optimized_attention_masked", attention.attention_pytorch)   # as on a GPU
@@ -64,16 +77,3 @@ def test_core_nextdit_count_matches_the_reservation_core_chose(monkeypatch):
     counted = peak / gpu_reservation(1.0, 128 * 128)
     print(f"core NextDiT 1024²: {peak / 2 ** 20:.0f} MiB = factor {counted:.2f} (ComfyUI 0.30.0 reserves 2.8)")
     assert 2.8 / counted == pytest.approx(MARGIN, abs=0.1)
-
-
-@pytest.mark.parametrize("cfg,runs", [(1.0, 1), (3.0, 2)])
-def test_the_pack_sampler_asks_comfyui_to_keep_that_free(cfg, runs):
-    """The pack's sampler reserves as core's samplers do (the model's estimate for the batch one forward runs),
-    not ComfyUI's fixed default that load_models_gpu falls back to."""
-    from zimage_core.config import TINY
-    bridge, sampling = import_pack("nodes.bridge"), import_pack("nodes.sampling")
-    model = bridge.make_model(bridge.ComfyZImageDiT(TINY))
-    asked = sampling.memory_to_keep(model, (2, 16, 256, 256), cfg)
-    assert asked["memory_required"] == model.model.memory_required([2 * runs, 16, 256, 256])
-    assert asked["minimum_memory_required"] == model.model.memory_required([2, 16, 256, 256])
-    assert asked["memory_required"] >= asked["minimum_memory_required"] > 0

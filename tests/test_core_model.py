@@ -1,0 +1,387 @@
+"""The loaders' MODEL, CLIP and VAE are core ComfyUI's own classes, and compute what the pack's independent
+engine (zimage_core) computes on the same files; the pack's additions (fp8 matmul, the fp16 guard, compile)
+act through ComfyUI's hooks; ComfyUI's GPU memory modes (dynamic VRAM, partial loading) simulated on the CPU,
+with core's own NextDiT as the control."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import import_pack, rel_err, tokenizer_dir
+from zimage_core import synthetic
+from zimage_core.fastpath import PLAIN
+from zimage_core.loading import load_dit, load_text_encoder, load_vae
+from zimage_core.vae import VAEConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    return import_pack("nodes.loaders")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return synthetic.write_split_files(tmp_path_factory.mktemp("models"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def parts(loaders, files):
+    return loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")
+
+
+def test_the_loaders_return_core_classes(parts):
+    import comfy.ldm.lumina.model
+    import comfy.model_base
+    import comfy.sd
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.z_image
+    model, clip, vae = parts
+    assert type(model.model) is comfy.model_base.Lumina2
+    assert type(model.model.diffusion_model) is comfy.ldm.lumina.model.NextDiT
+    assert isinstance(clip, comfy.sd.CLIP) and isinstance(clip.cond_stage_model, comfy.text_encoders.z_image.ZImageTEModel)
+    assert isinstance(vae, comfy.sd.VAE) and vae.latent_channels == 16
+    foreign = {type(m).__qualname__ for part in (model.model, clip.cond_stage_model, vae.first_stage_model)
+               for m in part.modules() if not type(m).__module__.startswith(("comfy.", "torch."))}
+    # the tiny text encoder's heads are not 128 wide: core's Qwen3 classes, sized (core_clip); nothing else
+    assert foreign <= {"_SizedQwen3", "_SizedQwen3Model"}, f"modules not ComfyUI's or torch's: {foreign}"
+    core_clip = import_pack("nodes.core_clip")
+    assert issubclass(core_clip._SizedQwen3, comfy.text_encoders.llama.Qwen3_4B)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_core_model_equals_the_engine(parts, files, streamed):
+    """streamed: every layer through ComfyUI's cast path, as in low-VRAM and dynamic modes."""
+    model = parts[0]
+    engine, _ = load_dit(files.dit, torch.float32, fast=PLAIN)
+    dit = model.model.diffusion_model
+    if streamed:
+        for m in dit.modules():
+            if hasattr(m, "comfy_cast_weights"):
+                m.comfy_cast_weights = True
+    torch.manual_seed(0)
+    x, sigma = torch.randn(1, 16, 6, 4), torch.tensor([0.7])
+    cap = torch.randn(1, 9, engine.cfg.cap_feat_dim)
+    try:
+        with torch.no_grad():
+            ours = engine(x, 1 - sigma, [cap[0]])
+            core = -dit(x, sigma, cap, num_tokens=9)                 # core's call: sigma in, -u out
+    finally:
+        for m in dit.modules():
+            if hasattr(m, "comfy_cast_weights"):
+                m.comfy_cast_weights = False
+    err = rel_err(core, ours)
+    print(f"core NextDiT vs engine: max abs {err[0]:.2e}, rel {err[1]:.2e}")
+    # fp32 both; the sums run in other orders (ComfyUI's CPU attention is its split kernel, the engine's is
+    # torch's SDPA), ~3e-5 after 4 blocks. A wrong weight or a missed term is O(1).
+    assert err[1] <= 1e-4
+
+
+def test_core_text_encoder_equals_the_engine(parts, files):
+    clip = parts[1]
+    tokens = clip.tokenize("a red fox in the snow, 雪の中の赤い狐")
+    ids = [t[0] for t in tokens["qwen3_4b"][0]]
+    core = clip.encode_from_tokens(tokens)
+    engine, _ = load_text_encoder(files.text_encoder, torch.float32)
+    with torch.no_grad():
+        ours = engine(torch.tensor([ids]))
+    err = rel_err(core.float(), ours.float())
+    print(f"core Qwen3 vs engine, {len(ids)} tokens: max abs {err[0]:.2e}, rel {err[1]:.2e}")
+    assert core.shape == ours.shape and err[1] <= 1e-5
+
+
+def test_core_vae_equals_the_engine(parts, files):
+    vae = parts[2]
+    engine, _ = load_vae(files.vae, torch.float32)
+    z = torch.randn(1, 16, 4, 6)
+    with torch.no_grad():
+        ours = ((engine.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1)
+        pixels = torch.rand(1, 32, 48, 3)
+        ours_z = engine.encode(pixels.movedim(-1, 1) * 2 - 1)
+    decoded, encoded = vae.decode(z), vae.encode(pixels)
+    print(f"core VAE vs engine: decode {rel_err(decoded, ours)[0]:.2e}, encode {rel_err(encoded, ours_z)[1]:.2e}")
+    assert decoded.shape == ours.shape and rel_err(decoded, ours)[0] <= 1e-5
+    assert rel_err(encoded, ours_z)[1] <= 1e-5
+
+
+def test_full_size_ae_is_core_s_own_vae(loaders, tmp_path):
+    """The released AE's size (84 M parameters, random): the pack's VAE and core's VAELoader read the same file
+    into the same object, so decode and encode agree to the bit."""
+    import comfy.sd
+    import comfy.utils
+    from safetensors.torch import save_file
+    path = tmp_path / "ae.safetensors"
+    save_file(synthetic.vae_weights(VAEConfig(), seed=5), str(path))
+    ours = import_pack("nodes.core_vae").load_vae(path)
+    core = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+    assert sum(p.numel() for p in ours.first_stage_model.parameters()) > 80e6
+    z = torch.randn(1, 16, 8, 8)
+    pixels = torch.rand(1, 64, 64, 3)
+    assert torch.equal(ours.decode(z), core.decode(z))
+    assert torch.equal(ours.encode(pixels), core.encode(pixels))
+
+
+def test_overlong_prompt_is_refused_with_the_limit(parts):
+    clip = parts[1]
+    assert len(clip.tokenize("word " * 600)["qwen3_4b"][0]) > 600          # past diffusers' 512: kept whole
+    with pytest.raises(ValueError, match=r"text: the prompt is \d+ tokens long, over this pack's limit of 4096"):
+        clip.tokenize("word " * 5000)
+
+
+# ---- the pack's operations ----------------------------------------------------------------------------------
+
+def fp8_linear(seed=0, fast=True):
+    """A block Linear of the pack's operations holding an fp8 weight, as fp8_e4m3fn(_fast) loads it."""
+    ops = import_pack("nodes.pack_ops")
+    torch.manual_seed(seed)
+    linear = ops.PackOps.Linear(64, 48, bias=False)
+    linear.weight = torch.nn.Parameter((torch.randn(48, 64) * 0.5).to(torch.float8_e4m3fn), requires_grad=False)
+    linear.zimage_fp8_matmul = fast
+    return ops, linear
+
+
+def test_fp8_fast_is_the_cast_path_where_there_is_no_fp8_matmul():
+    """On this CPU (and GPUs without fp8 units) fp8_e4m3fn_fast computes exactly what fp8_e4m3fn does."""
+    _, fast = fp8_linear()
+    _, plain = fp8_linear(fast=False)
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    assert fast.fp8_matmul_mode(x) is None
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_fp8_fast_multiplies_in_fp8(monkeypatch):
+    """Where fp8 matmul is granted, the product is the fp8 one: the activations quantised (per tensor with the
+    CPU build's kernel, forced here; per token on Ada/Hopper), the stored fp8 weight as it is."""
+    ops, fast = fp8_linear(seed=1)
+    _, plain = fp8_linear(seed=1, fast=False)
+    monkeypatch.setattr(ops.quant, "scaled_mm_support", lambda device: "tensor")
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, reference = fast(x), plain(x)
+    q, s = ops.quant.quantize(x.reshape(-1, 64), rowwise=False)
+    emulated = ((q.float() * s) @ fast.weight.float().t()).reshape(2, 32, 48)
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    assert rel_err(out.float(), emulated)[1] <= 1e-2                 # it is the fp8 x fp8 product (bf16 out)
+    assert 0 < rel_err(out.float(), reference.float())[1] <= 0.1     # within fp8's rounding of the activations
+    fast.weight_function = [lambda w: w]                             # a LoRA applied at cast time: cast path
+    with torch.no_grad():
+        assert torch.equal(fast(x), plain(x))
+
+
+def test_fp8_fast_falls_back_once_when_the_gpu_refuses(monkeypatch, caplog):
+    ops, fast = fp8_linear(seed=2)
+    _, plain = fp8_linear(seed=2, fast=False)
+    monkeypatch.setattr(ops.quant, "scaled_mm_support", lambda device: "rowwise")
+    monkeypatch.setattr(ops.PackOps.Linear, "_fp8_failed", False)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("mat2 must be col_major")               # torch raises ValueError for some arguments
+    monkeypatch.setattr(ops.quant, "fp8_matmul", refuse)
+    x = torch.randn(1, 16, 64, dtype=torch.bfloat16)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        assert torch.equal(fast(x), plain(x))
+        assert torch.equal(fast(x), plain(x))
+    assert ops.PackOps.Linear._fp8_failed
+    assert sum("fp8 matmul failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_fp16_guard_is_the_fp32_product_and_never_overflows():
+    """fp16 weights with fp32 activations (weight_dtype fp16): the product in fp16 on inputs scaled per row,
+    close to the fp32 product, finite where a plain fp16 product overflows; a small row next to a huge one
+    keeps its precision (per-row scales)."""
+    ops = import_pack("nodes.pack_ops")
+    torch.manual_seed(3)
+    linear = ops.PackOps.Linear(64, 48, bias=True)
+    w32, b32 = torch.randn(48, 64), torch.randn(48)
+    linear.weight = torch.nn.Parameter(w32.half(), requires_grad=False)
+    linear.bias = torch.nn.Parameter(b32, requires_grad=False)
+    x = torch.randn(2, 8, 64) * 3e4
+    x[0, 0] *= 100                                               # one token far larger than the rest
+    with torch.no_grad():
+        out = linear(x)
+        exact = torch.nn.functional.linear(x.double(), w32.half().double(), b32.double())
+        plain = torch.nn.functional.linear(x.half(), w32.half(), b32.half())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not torch.isfinite(plain).all()                       # what the guard is for
+    small = (out[1] - exact[1]).abs().max() / exact[1].abs().max()
+    assert rel_err(out, exact)[1] <= 2e-3 and small <= 2e-3
+
+
+def test_fp8_and_fp16_models_use_the_pack_operations_and_stay_close(loaders, files, parts):
+    import comfy.ops
+    x, sigma = torch.randn(1, 16, 6, 4), torch.tensor([0.7])
+    cap = torch.randn(1, 9, 32)
+    with torch.no_grad():
+        reference = parts[0].model.diffusion_model(x, sigma, cap, num_tokens=9)
+    for weight_dtype, tol in (("fp8_e4m3fn", 0.08), ("fp8_e4m3fn_fast", 0.08), ("fp16", 2e-3)):
+        model = loaders.load_parts(files.dit, files.text_encoder, files.vae, weight_dtype)[0]
+        dit = model.model.diffusion_model
+        linears = [m for m in dit.modules() if isinstance(m, torch.nn.Linear)]
+        assert all(isinstance(m, comfy.ops.manual_cast.Linear) for m in linears)
+        narrow = torch.float16 if weight_dtype == "fp16" else torch.float8_e4m3fn
+        stored = {m.weight.dtype for m in dit.layers.modules() if isinstance(m, torch.nn.Linear)}
+        assert narrow in stored and dit.x_embedder.weight.dtype == torch.float32
+        with torch.no_grad():
+            out = dit(x, sigma, cap, num_tokens=9)
+        err = rel_err(out, reference)[1]
+        print(f"{weight_dtype}: rel error {err:.2e} against fp32")
+        assert 0 < err <= tol
+
+
+# ---- compile ---------------------------------------------------------------------------------------------------
+
+def test_compile_node_patches_a_clone_and_refuses_other_models(parts):
+    import comfy.model_patcher
+    speed = import_pack("nodes.speed")
+    model = parts[0]
+    (patched,) = speed.ZImageTurboCompile().patch(model)
+    assert speed.compiled_blocks(patched) is not None and speed.compiled_blocks(model) is None
+    assert patched.model is model.model                                       # same weights, no copy
+    other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="not a Z-Image model"):
+        speed.ZImageTurboCompile().patch(other)
+
+
+def test_a_failing_compile_is_logged_once_and_runs_eager(parts, monkeypatch, caplog):
+    speed, sampling = import_pack("nodes.speed"), import_pack("nodes.sampling")
+    model, clip = parts[0], parts[1]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a lamp"))
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    plain = sampling.ZImageTurboSampler().run(model, cond, latent, 7, 2, 1.0, 3.0, 1.0)
+
+    class BrokenCompile(torch.nn.Module):                  # what torch.compile returns when the backend fails
+        def forward(self, *args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler"), None)
+
+    def broken_compile(module, **kwargs):
+        return BrokenCompile()
+    monkeypatch.setattr(speed.torch, "compile", broken_compile)
+    (compiled,) = speed.ZImageTurboCompile().patch(model)
+    with caplog.at_level(logging.WARNING):
+        out = sampling.ZImageTurboSampler().run(compiled, cond, latent, 7, 2, 1.0, 3.0, 1.0)
+    assert torch.equal(out["result"][0]["samples"], plain["result"][0]["samples"])
+    assert out["ui"]["zimage"][0]["compiled"] is False
+    assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
+
+
+# ---- ComfyUI's GPU memory modes, simulated on the CPU ------------------------------------------------------------
+
+def core_control(cfg):
+    """core's own NextDiT for the same config (scripts/comfy_tree.py), as core's loader builds it."""
+    from comfy_tree import comfy_nextdit
+    return comfy_nextdit(cfg)
+
+
+def test_dynamic_vram_loads_every_weight(loaders, files, parts, monkeypatch):
+    """ComfyUI 0.30.0 on NVIDIA turns on dynamic VRAM (comfy.memory_management.aimdo_enabled): core's Linears are
+    then built without weights and filled from the state dict. The loader must still hold every weight and
+    compute the same; core's own NextDiT (the control) does under the same flag."""
+    import comfy.memory_management
+    if not hasattr(comfy.memory_management, "aimdo_enabled"):
+        pytest.skip("this ComfyUI has no dynamic VRAM (0.3.75)")
+    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+    from zimage_core.config import TINY
+    control = core_control(TINY)
+    assert next(m for m in control.modules() if isinstance(m, torch.nn.Linear)).weight is None   # lazy: the flag acts
+    model = loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")[0]
+    dit = model.model.diffusion_model
+    assert all(p is not None and not p.is_meta for p in dit.state_dict().values())
+    x, sigma, cap = torch.randn(1, 16, 6, 4), torch.tensor([0.5]), torch.randn(1, 9, 32)
+    with torch.no_grad():
+        out = dit(x, sigma, cap, num_tokens=9)
+        reference = parts[0].model.diffusion_model(x, sigma, cap, num_tokens=9)
+    assert torch.equal(out, reference)
+
+
+def partial_load_to_meta(patcher, fraction: float = 0.5):
+    """ComfyUI's partial load with the meta device standing in for a GPU that holds `fraction` of the weights."""
+    patcher.load(torch.device("meta"), lowvram_model_memory=int(patcher.model_size() * fraction))
+
+
+def test_partial_loading_runs_the_model_and_vae_like_core_s(loaders, files, monkeypatch):
+    """Cards the DiT does not fit: ComfyUI loads part of the weights and streams the rest per call. With the
+    meta device as the GPU, a forward runs on the device (shapes only) for core's NextDiT (the control) and for
+    the loaders' MODEL and VAE. A weight left on the CPU that the forward does not cast to the device fails it
+    (a CPU tensor meets a meta one), as it failed the pack's own DiT before (x_pad_token, RMSNorm weights)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from zimage_core.config import SMALL
+    # the CPU's attention kernels ask the device for its free memory; meta has none to tell
+    def plenty(dev=None, torch_free_too=False):
+        return (1 << 34, 1 << 34) if torch_free_too else 1 << 34
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", plenty)
+    x, sigma = torch.empty(1, 16, 6, 4, device="meta"), torch.empty(1, device="meta")
+    # core's control at the sizes core hard-codes (SMALL); the loaders' model from the tiny file
+    control = comfy.model_patcher.ModelPatcher(core_control(SMALL), load_device=torch.device("meta"),
+                                               offload_device=torch.device("cpu"))
+    model, _, vae = loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")
+    for name, patcher, dit, width in (("core", control, control.model, SMALL.cap_feat_dim),
+                                      ("pack", model, model.model.diffusion_model, 32)):
+        cap = torch.empty(1, 9, width, device="meta")
+        partial_load_to_meta(patcher)          # (weights on meta cannot come back: these models are thrown away)
+        assert any(p.device.type == "cpu" for p in dit.parameters()), f"{name}: the load was not partial"
+        with torch.no_grad():
+            out = dit(x, sigma, cap, num_tokens=9)
+        assert out.shape == x.shape and out.device.type == "meta", name
+    partial_load_to_meta(vae.patcher)
+    with torch.no_grad():
+        image = vae.first_stage_model.decode(torch.empty(1, 16, 4, 4, device="meta"))
+    assert image.shape == (1, 3, 32, 32)
+
+
+# ---- LoRA formats core maps, on the loaders' MODEL ----------------------------------------------------------------
+
+def lora_files(dim: int, rank: int = 4, seed: int = 0) -> dict[str, tuple[dict, list]]:
+    """The same kind of LoRA in the formats core maps for Z-Image: {format: (state dict, [(weight key, row slice,
+    up, down)])} where each patched weight should become W + up @ down on those rows."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pair():
+        return torch.randn(dim, rank, generator=g) * 0.1, torch.randn(rank, dim, generator=g) * 0.1
+    formats = {}
+    qkv = "layers.0.attention.qkv.weight"
+    up_q, down_q = pair()
+    up_o, down_o = pair()
+    for name, prefix, a, b in (("ai-toolkit", "diffusion_model.", "lora_A.weight", "lora_B.weight"),
+                               ("diffusers-peft", "transformer.", "lora_A.weight", "lora_B.weight"),
+                               ("diffsynth", "", "lora_A.default.weight", "lora_B.default.weight")):
+        sd = {f"{prefix}layers.0.attention.to_q.{a}": down_q, f"{prefix}layers.0.attention.to_q.{b}": up_q,
+              f"{prefix}layers.0.attention.to_out.0.{a}": down_o, f"{prefix}layers.0.attention.to_out.0.{b}": up_o}
+        formats[name] = (sd, [(qkv, slice(0, dim), up_q, down_q),
+                              ("layers.0.attention.out.weight", slice(0, dim), up_o, down_o)])
+    up3, down3 = torch.randn(3 * dim, rank, generator=g) * 0.1, torch.randn(rank, dim, generator=g) * 0.1
+    formats["comfyui"] = ({"diffusion_model.layers.0.attention.qkv.lora_up.weight": up3,
+                           "diffusion_model.layers.0.attention.qkv.lora_down.weight": down3},
+                          [(qkv, slice(0, 3 * dim), up3, down3)])
+    return formats
+
+
+@pytest.mark.parametrize("fmt", ["comfyui", "ai-toolkit", "diffusers-peft", "diffsynth"])
+def test_core_lora_loading_patches_the_loaders_model(loaders, files, fmt, caplog):
+    """core's LoRA loading (what LoraLoader runs) on the loaders' MODEL: every key of the file is mapped, and
+    each patched weight is the original plus up @ down, checked by hand on the rows the key targets."""
+    import comfy.sd
+    model = loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")[0]     # not loaded by a sampler yet
+    dim = model.model.diffusion_model.dim
+    sd, expected = lora_files(dim)[fmt]
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()], caplog.text
+    dit = model.model.diffusion_model
+    before = {key: dit.get_parameter(key).detach().clone() for key, *_ in expected}
+    patched.patch_model()
+    try:
+        for key, rows, up, down in expected:
+            after = dit.get_parameter(key)
+            want = before[key].clone()
+            want[rows] += up @ down
+            assert rel_err(after, want)[0] <= 1e-5, key
+            assert not torch.equal(after, before[key])
+    finally:
+        patched.unpatch_model()
+    assert all(torch.equal(dit.get_parameter(k), v) for k, v in before.items())
