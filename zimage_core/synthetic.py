@@ -5,6 +5,9 @@ benchmarks write their own: tiny ones for CPU, full-size random bf16 ones for GP
 """
 from __future__ import annotations
 
+import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import keys as K
-from .config import TINY, DiTConfig
+from .config import TINY, TURBO, DiTConfig
 from .dit import ZImageDiT
 from .text_encoder import Qwen3Config, Qwen3Encoder
 from .vae import AutoEncoder, VAEConfig
@@ -95,6 +98,42 @@ def write_split_files(models_dir: str | Path, dit_cfg: DiTConfig = TINY, text_cf
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(path))
     return files
+
+
+SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
+                     torch.float8_e4m3fn: "F8_E4M3"}
+
+
+def write_dit_file(path: str | Path, cfg: DiTConfig = TURBO, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                   std: float = 0.02) -> Path:
+    """A DiT file in ComfyUI's split layout (z_image_turbo_bf16.safetensors' keys, shapes and order), written
+    tensor by tensor: the header first, then each tensor made and written alone, so a full-size (6.15 B
+    parameter, 12.3 GB in bf16) file costs one tensor of memory. Values as random_state_dict's. Written to a
+    temporary name and renamed when complete: a cache never holds a half-written file."""
+    path = Path(path)
+    model = _on_meta(lambda: ZImageDiT(cfg))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    size = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = size * math.prod(shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                        # the data starts 8-byte aligned, as safetensors wants
+    g = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in shapes.items():
+            noise = torch.randn(shape, generator=g) * std
+            is_norm = name.endswith("weight") and "norm" in name.rsplit(".", 2)[-2]
+            t = (1 + noise if is_norm else noise).to(dtype)
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())      # its bytes, no copy
+            del noise, t
+    part.rename(path)
+    return path
 
 
 def write_all_in_one(path: str | Path, dit: dict[str, Tensor], text_encoder: dict[str, Tensor],
