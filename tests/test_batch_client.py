@@ -33,12 +33,58 @@ MODULE = [str(BIN / "python"), "-m", "zimage_batch"]
 COLUMNS = ["prompt", "negative", "seed", "width", "height", "count", "steps", "cfg", "filename_prefix"]
 
 
+# A node that holds its prompt until the server is told to interrupt (ComfyUI's own flag, which the client's
+# Ctrl-C sets through /interrupt); so a job gated by it cannot finish before the Ctrl-C, however fast the
+# machine. A bound of its own, so a test that never interrupts fails instead of hanging the server.
+GATE_NODE = """
+import time
+import comfy.model_management as mm
+
+
+class ZImageTestGate:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "hold"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, model):
+        return float("nan")                 # never cached: every prompt waits here
+
+    def hold(self, model):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            mm.throw_exception_if_processing_interrupted()
+            time.sleep(0.02)
+        raise RuntimeError("ZImageTestGate: nobody interrupted the prompt within 120 s")
+
+
+NODE_CLASS_MAPPINGS = {"ZImageTestGate": ZImageTestGate}
+"""
+
+
 def started_server(version, tmp_path_factory, start=True) -> ComfyServer:
     comfyui_tree(version)
     base = tmp_path_factory.mktemp(f"batch-comfy-{version}")
     write_tiny_models(base / "models")
+    gate = base / "custom_nodes" / "zimage_test_gate"
+    gate.mkdir(parents=True)
+    (gate / "__init__.py").write_text(GATE_NODE)
     server = ComfyServer(version, base)
     return server.start() if start else server
+
+
+def gated_workflow(path: Path) -> Path:
+    """The default workflow with the sampler's model passed through ZImageTestGate."""
+    workflow = load_workflow("ecommerce_turbo_api.json")
+    sampler = next(i for i, n in workflow.items() if n["class_type"] == "ZImageTurboSampler")
+    workflow["gate"] = {"class_type": "ZImageTestGate", "inputs": {"model": workflow[sampler]["inputs"]["model"]}}
+    workflow[sampler]["inputs"]["model"] = ["gate", 0]
+    path.write_text(json.dumps(workflow))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -251,13 +297,17 @@ def test_a_job_over_the_timeout_is_interrupted_and_the_next_one_runs(server, tmp
 
 
 def test_ctrl_c_stops_the_batch_and_its_prompts_on_the_server(server, tmp_path):
+    """No race: the running job waits in ZImageTestGate until the server is interrupted, so it is running
+    (and the next one queued) for as long as the test needs to send the Ctrl-C. A job that finished first
+    (a 1024², 50-step one did, on a fast machine) can no longer make this pass or fail by timing."""
     jobs = write_csv(tmp_path / "jobs.csv", [
-        {"prompt": "slow", "seed": 1, "width": 1024, "height": 1024, "steps": 50, "filename_prefix": "cancel_slow"},
-        {"prompt": "next", "seed": 2, "width": 64, "height": 64, "filename_prefix": "cancel_next"}])
+        {"prompt": "slow", "seed": 1, "width": 64, "height": 64, "steps": 1, "filename_prefix": "cancel_slow"},
+        {"prompt": "next", "seed": 2, "width": 64, "height": 64, "steps": 1, "filename_prefix": "cancel_next"}])
     out = tmp_path / "out"
-    client = subprocess.Popen([*COMMAND, "--server", server.url, "--jobs", str(jobs), "--out", str(out),
-                               "--progress", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=REPO)
+    workflow = gated_workflow(tmp_path / "gated.json")
+    client = subprocess.Popen([*COMMAND, "--server", server.url, "--workflow", str(workflow), "--jobs", str(jobs),
+                               "--out", str(out), "--progress", "off"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.monotonic() + 60
         while not (server.get("/queue")["queue_running"] and server.get("/queue")["queue_pending"]):
