@@ -26,11 +26,31 @@ def server(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"comfy-{request.param}")
     write_tiny_models(base / "models")
     write_diffusers_folder(base / "models" / "diffusers" / "Z-Image-Turbo-tiny")
+    write_split_from_diffusers(base / "models" / "diffusers" / "Z-Image-Turbo-tiny", base / "models")
     write_lora(base / "models" / "loras" / "tiny_qkv_lora.safetensors")
     write_sdxl_like(base / "models" / "checkpoints" / "not_zimage_sdxl.safetensors")
     write_overflowing_vae(base / "models" / "vae" / "overflowing_ae.safetensors")
     with ComfyServer(request.param, base) as srv:
         yield srv
+
+
+SAME_AS_DIFFUSERS = "zt_from_diffusers"
+
+
+def write_split_from_diffusers(folder, models):
+    """The diffusers folder's weights in ComfyUI's layouts (split files and an all-in-one checkpoint), so every
+    loader reads the same model the diffusers reference runs."""
+    from safetensors.torch import save_file
+    from zimage_core import synthetic
+    from zimage_core.loading import prepare_dit, prepare_text_encoder, prepare_vae
+    parts = []
+    for prepare in (prepare_dit, prepare_text_encoder, prepare_vae):
+        meta, _, read = prepare(folder)
+        parts.append({k: read(k).contiguous() for k in meta.state_dict()})
+    for sub, sd in zip(("diffusion_models", "text_encoders", "vae"), parts):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(models / sub / f"{SAME_AS_DIFFUSERS}.safetensors"))
+    synthetic.write_all_in_one(models / "checkpoints" / f"{SAME_AS_DIFFUSERS}.safetensors", *parts)
 
 
 def write_lora(path):
@@ -279,3 +299,59 @@ def test_nan_or_inf_image_is_an_error_not_a_black_png(server):
     error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
     assert error["node_type"] == "ZImageTurboVAEDecode" and "NaN or infinite" in error["exception_message"]
     assert not list(server.output.glob("must_not_exist*"))
+
+
+# ---- the saved PNG against diffusers' ZImagePipeline on the same weights, prompt and noise ------------------------
+
+LOADERS = {
+    "split": {"class_type": "ZImageTurboLoader", "inputs": {
+        "unet_name": f"{SAME_AS_DIFFUSERS}.safetensors", "clip_name": f"{SAME_AS_DIFFUSERS}.safetensors",
+        "vae_name": f"{SAME_AS_DIFFUSERS}.safetensors", "weight_dtype": "auto"}},
+    "checkpoint": {"class_type": "ZImageTurboCheckpointLoader", "inputs": {
+        "ckpt_name": f"{SAME_AS_DIFFUSERS}.safetensors", "weight_dtype": "auto"}},
+    "diffusers": {"class_type": "ZImageTurboDiffusersLoader", "inputs": {
+        "model_path": "Z-Image-Turbo-tiny", "weight_dtype": "auto"}},
+}
+CASES = {   # name: (prompt, negative, cfg, batch, steps)
+    "t2i": ("a red fox in the snow", "", 1.0, 1, 8),
+    "cfg_negative": ("一只白猫, a white cat", "blurry, 模糊", 3.5, 1, 4),
+    "batch2": ("a ceramic mug", "", 1.0, 2, 4),
+}
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(server):
+    from diffusers import ZImagePipeline
+    return ZImagePipeline.from_pretrained(server.models / "diffusers" / "Z-Image-Turbo-tiny").to("cpu")
+
+
+def diffusers_png(pipe, prompt, negative, cfg, batch, steps, seed) -> np.ndarray:
+    """diffusers' images for ComfyUI's noise (one CPU randn of the whole batch from the seed) and cfg (diffusers'
+    guidance g is pos + g (pos - neg): ComfyUI's cfg = g + 1), as SaveImage quantises them."""
+    import torch
+    noise = torch.randn(batch, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(seed))
+    images = pipe([prompt] * batch, negative_prompt=[negative] * batch if cfg != 1.0 else None, height=SIZE,
+                  width=SIZE, num_inference_steps=steps, guidance_scale=cfg - 1.0, latents=noise,
+                  output_type="pt").images                                           # (B, 3, H, W) in [0, 1]
+    return np.clip(255.0 * images.movedim(1, -1).float().numpy(), 0, 255).astype(np.uint8).astype(np.int16)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_saved_png_matches_diffusers(server, diffusers_pipe, loader, case):
+    prompt, negative, cfg, batch, steps = CASES[case]
+    seed = 4242
+    wf = turbo_job(prompt, SIZE, batch=batch, seed=seed)
+    wf["3"] = LOADERS[loader]
+    wf["7"]["inputs"]["text"] = negative
+    wf["10"]["inputs"].update(cfg=cfg, steps=steps)
+    wf["11"]["inputs"]["filename_prefix"] = f"parity_{loader}_{case}"
+    saved = np.stack([pixels(f) for f in server.output_files(server.run(wf))])
+    reference = diffusers_png(diffusers_pipe, prompt, negative, cfg, batch, steps, seed)
+    diff = np.abs(saved - reference)
+    print(f"{server.version} {loader} {case}: PNG vs diffusers max {diff.max()}/255, mean {diff.mean():.3f}/255; "
+          f"image std {reference.std():.1f}")
+    assert saved.shape == reference.shape
+    assert reference.std() > 5, "the reference image is flat: the fixture is too weak to compare"
+    assert diff.max() <= 2
