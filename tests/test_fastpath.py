@@ -479,3 +479,34 @@ def test_fp8_matmul_takes_the_old_tuple_return(monkeypatch):
     new = quant.fp8_matmul(x, w, scale, rowwise=False)
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: (real(*a, **kw), torch.zeros(())))
     assert torch.equal(quant.fp8_matmul(x, w, scale, rowwise=False), new)
+
+
+def test_fa3_serves_eager_calls_and_stays_out_of_compiled_blocks(monkeypatch):
+    """FlashAttention-3 is a C extension dynamo cannot trace; inside the whole-block graphs it would break
+    them and fail the compile. Stood in for here by a function dynamo must not trace (as the real one cannot
+    be), on a CPU told that FA3 fits."""
+    import sys
+    import types
+    calls = []
+
+    @torch._dynamo.disable
+    def flash_attn_func(q, k, v):                    # (B, L, H, D) in and out, as FA3's
+        calls.append(q.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2))
+        return out.transpose(1, 2), None
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    monkeypatch.setattr(layers, "use_flash3", lambda q, key_mask: key_mask is None)
+    torch._dynamo.reset()
+    compile_with(monkeypatch, CountingBackend())
+    model = configure(tiny_dit(), FAST)
+    x, t, caps = inputs(cap_lens=(7,))
+    with torch.no_grad():
+        eager = model(x, t, caps)
+        used = len(calls)
+        with model.compiled_blocks():
+            compiled = model(x, t, caps)
+    torch._dynamo.reset()
+    assert used == TINY.n_layers + TINY.n_noise_refiner + TINY.n_context_refiner     # eager: FA3 everywhere
+    assert len(calls) == used and not model.compile_failed
+    assert rel_err(compiled, eager)[1] <= EXACT_FP32

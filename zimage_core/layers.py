@@ -114,7 +114,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, b
     Returns (B, L, H*D).
     """
     B, L, H, D = q.shape
-    if backend == "auto" and use_flash3(q, key_mask):
+    # Not under torch.compile: dynamo cannot trace into the FA3 extension, and the compiled blocks are traced
+    # whole (fullgraph); SDPA, which it can, is the compiler's to lower.
+    if backend == "auto" and not torch.compiler.is_compiling() and use_flash3(q, key_mask):
         import flash_attn_interface
         out = flash_attn_interface.flash_attn_func(q, k, v)          # takes and returns (B, L, H, D)
         out = out[0] if isinstance(out, tuple) else out
