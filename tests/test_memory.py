@@ -194,3 +194,20 @@ def test_bad_policy_and_overlap_are_named():
         check_policy("tiny")
     with pytest.raises(ValueError, match="tile overlap"):
         decode_tiled(lambda z: z, torch.zeros(1, 1, 20, 20), tile=8, overlap=8)
+
+
+def test_a_closed_streamer_holds_no_memory_of_its_own(files):
+    """After close() the weights' own views are all that keep a chunk: the streamer drops its references
+    (chunks and home views), so moving the model frees the pinned memory even where the streamer object lives
+    on. (Storage lifetimes are not observable from Python on a CPU; what the streamer holds is.)"""
+    models = load_zimage(files.dit, files.text_encoder, files.vae, tokenizer=tokenizer_dir(), dtype="fp32")
+    dit = models.dit
+    x, t, caps = torch.randn(1, 16, 8, 8), torch.tensor([0.3]), [torch.randn(9, dit.cfg.cap_feat_dim)]
+    with torch.no_grad():
+        before = dit(x, t, caps)
+        streamer = stream_dit_blocks(dit, "cpu")
+        assert streamer.arena and all(streamer.home)
+        streamer.close()
+        after = dit(x, t, caps)
+    assert streamer.arena == [] and not any(streamer.home)
+    assert torch.equal(after, before)

@@ -187,6 +187,10 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self.ready.clear()
+        # The modules hold their weights' views; the streamer lets go of its own, so a chunk is freed (unpinned)
+        # once no weight lives in it, e.g. after the model is moved, whoever still holds this streamer.
+        self.arena.clear()
+        self.home = [{} for _ in self.blocks]
 
 
 def stream_dit_blocks(dit: nn.Module, device: torch.device | str) -> BlockStreamer:
