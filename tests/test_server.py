@@ -355,3 +355,46 @@ def test_saved_png_matches_diffusers(server, diffusers_pipe, loader, case):
     assert saved.shape == reference.shape
     assert reference.std() > 5, "the reference image is flat: the fixture is too weak to compare"
     assert diff.max() <= 2
+
+
+def test_img2img_png_matches_diffusers(server, diffusers_pipe):
+    """Image-to-image: an image through the pack's VAE Encode, the sampler at denoise 0.5 (4 of 8 steps), against
+    diffusers' ZImageImg2ImgPipeline at strength 0.5. diffusers samples the image's latent distribution with its
+    generator where ComfyUI takes its mean, so the reference is given the start ComfyUI makes: the mean latent
+    (diffusers' own VAE) noised to the first sigma with ComfyUI's seed noise."""
+    import torch
+    from diffusers import ZImageImg2ImgPipeline
+    steps, denoise, seed, prompt = 4, 0.5, 99, "a blue cup on a table"
+    g = torch.Generator().manual_seed(11)
+    source = (torch.rand(1, 3, 8, 8, generator=g).repeat_interleave(8, -1).repeat_interleave(8, -2) * 255).byte()
+    (server.base / "input").mkdir(exist_ok=True)
+    Image.fromarray(source[0].movedim(0, -1).numpy()).save(server.base / "input" / "img2img_source.png")
+    wf = turbo_job(prompt, SIZE, seed=seed)
+    wf["3"] = LOADERS["split"]
+    wf["30"] = {"class_type": "LoadImage", "inputs": {"image": "img2img_source.png"}}
+    wf["31"] = {"class_type": "ZImageTurboVAEEncode", "inputs": {"pixels": ["30", 0], "vae": ["3", 2]}}
+    wf["10"]["inputs"].update(latent_image=["31", 0], denoise=denoise, steps=steps)
+    wf["11"]["inputs"]["filename_prefix"] = "parity_img2img"
+    saved = pixels(server.output_files(server.run(wf))[0])
+
+    pipe = ZImageImg2ImgPipeline(**diffusers_pipe.components)
+    image = source.float() / 255 * 2 - 1
+    vae = pipe.vae.config
+    with torch.no_grad():
+        mean = pipe.vae.encode(image).latent_dist.mode()
+    start = (mean - vae.shift_factor) * vae.scaling_factor
+    noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(seed))
+    total = int(steps / denoise)
+    kwargs = dict(image=image * 0.5 + 0.5, strength=denoise, height=SIZE, width=SIZE, num_inference_steps=total,
+                  guidance_scale=0.0, output_type="pt")
+    pipe(prompt, latents=noise, **kwargs)                        # sets the scheduler's sigmas for this call
+    sigma0 = pipe.scheduler.sigmas[total - steps]
+    images = pipe(prompt, latents=sigma0 * noise + (1 - sigma0) * start, **kwargs).images
+    reference = np.clip(255.0 * images[0].movedim(0, -1).float().numpy(), 0, 255).astype(np.uint8).astype(np.int16)
+    diff = np.abs(saved - reference)
+    print(f"{server.version} img2img: PNG vs diffusers max {diff.max()}/255, mean {diff.mean():.3f}/255 "
+          f"(sigma0 {float(sigma0):.4f})")
+    t2i = turbo_job(prompt, SIZE, seed=seed)
+    t2i["3"] = LOADERS["split"]
+    assert np.abs(saved - pixels(server.output_files(server.run(t2i))[0])).max() > 10, "the image did not count"
+    assert diff.max() <= 2
