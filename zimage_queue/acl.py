@@ -4,14 +4,19 @@
   the queue, see other state (the unacknowledged jobs, the workers' control channels) or run admin commands.
 - worker (zimage-worker): take jobs, acknowledge them, put lost ones back, store results, answer `celery inspect`.
 - ops (celery inspect, Flower): read queue depth, ask workers (control), watch events; no admin commands.
-The 'default' user is switched off. Passwords are stored hashed (SHA-256); the file never holds them in clear.
+The 'default' user is the administrator, with a password of its own (or a random one nobody knows): Redis 7.0
+replays its append-only file as 'default' after a restart, and with 'default' switched off it drops every
+transaction in it (Debian's 7.0.15 does: the unacknowledged jobs would vanish on a restart).
+Passwords are stored hashed (SHA-256); the file never holds them in clear.
 
     python -m zimage_queue.acl client:zimage-client:/etc/zimage/client.pw \\
-        worker:zimage-worker:/etc/zimage/worker.pw ops:zimage-ops:/etc/zimage/ops.pw > /etc/redis/users.acl
+        worker:zimage-worker:/etc/zimage/worker.pw ops:zimage-ops:/etc/zimage/ops.pw \\
+        admin:default:/etc/zimage/admin.pw > /etc/redis/users.acl
 """
 from __future__ import annotations
 
 import hashlib
+import secrets
 import sys
 from pathlib import Path
 
@@ -28,8 +33,8 @@ RULES = {
                f"+@sortedset +@string +@pubsub +@transaction +@scripting +@connection -@dangerous "
                f"~{QUEUE}* ~unacked ~unacked_index ~unacked_mutex ~_kombu.binding* "
                f"~{RESULTS} ~*.celery.pidbox* &*"),
-    "ops": (f"resetkeys resetchannels -@all {CONNECT} +@read +@list +@set +@pubsub +@keyspace +@connection "
-            f"+@transaction -@dangerous %R~* ~*.celery.pidbox* ~_kombu.binding* &*"),
+    "ops": (f"resetkeys resetchannels -@all {CONNECT} +@read +@write +@list +@set +@sortedset +@pubsub +@keyspace "
+            f"+@connection +@transaction +@scripting -@dangerous %R~* ~*.celery.pidbox* ~_kombu.binding* &*"),
 }
 SELECTORS = {
     f"{QUEUE}-rules": f"~{QUEUE} +lpush",
@@ -53,9 +58,10 @@ def user_line(role: str, name: str, password: str) -> str:
     return f"user {name} on #{digest} {rules(role)}"
 
 
-def acl_file(users: list[tuple[str, str, str]]) -> str:
-    """users: (role, name, password); the default user is switched off."""
-    lines = ["user default off resetkeys resetchannels -@all"]
+def acl_file(users: list[tuple[str, str, str]], admin_password: str | None = None) -> str:
+    """users: (role, name, password); 'default' is the administrator, with admin_password or a random one."""
+    admin = hashlib.sha256((admin_password or secrets.token_hex(32)).encode("utf-8")).hexdigest()
+    lines = [f"user default on #{admin} ~* &* +@all"]
     lines += [user_line(role, name, password) for role, name, password in users]
     return "\n".join(lines) + "\n"
 
@@ -65,11 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or any(a.count(":") < 2 for a in argv):
         print(__doc__, file=sys.stderr)
         return 2
-    users = []
+    users, admin = [], None
     for arg in argv:
         role, name, path = arg.split(":", 2)
-        users.append((role, name, Path(path).read_text(encoding="utf-8").strip("\r\n")))
-    sys.stdout.write(acl_file(users))
+        password = Path(path).read_text(encoding="utf-8").strip("\r\n")
+        if role == "admin":
+            admin = password
+        else:
+            users.append((role, name, password))
+    sys.stdout.write(acl_file(users, admin))
     return 0
 
 

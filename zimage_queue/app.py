@@ -26,7 +26,9 @@ def make_app(broker: Broker, visibility_timeout: float = VISIBILITY_TIMEOUT,
     backend = f"{__name__}:PolledResults+{broker.url}"
     app = Celery("zimage", broker=broker.url, backend=backend, set_as_current=False)
     transport = {"visibility_timeout": visibility_timeout, "unacked_restore_interval": restore_interval,
-                 "unacked_restore_throttle": 1, "socket_connect_timeout": 10, "socket_timeout": 30,
+                 "unacked_restore_throttle": 1,
+                 "unacked_mutex_expire": 30,        # the sweep's lock: kept short, a dead sweeper holds it no longer
+                 "socket_connect_timeout": 10, "socket_timeout": 30,
                  "health_check_interval": 10}
     app.conf.update(
         task_default_queue=QUEUE, task_default_exchange=QUEUE, task_default_routing_key=QUEUE,

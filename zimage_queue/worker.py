@@ -11,6 +11,8 @@ import argparse
 import logging
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from .app import QUEUE, RESTORE_INTERVAL, VISIBILITY_TIMEOUT, make_app
@@ -77,11 +79,34 @@ def main(argv: list[str] | None = None) -> int:
              ", ".join(health.get("models", [])), health.get("warmup_seconds"), health.get("devices"))
     app = make_app(broker, args.visibility_timeout, args.restore_interval)
     register(app)
+    threading.Thread(target=sweep_lost_jobs, args=(app, args.restore_interval), name="zimage-sweep",
+                     daemon=True).start()
     worker = app.Worker(hostname=args.name, pool="threads", concurrency=1, queues=[QUEUE],
                         loglevel=args.loglevel.upper(), without_gossip=True, without_mingle=True,
                         send_events=args.events, optimization="fair")
     worker.start()
     return worker.exitcode or 0
+
+
+def sweep_lost_jobs(app, every: float) -> None:
+    """Every `every` seconds, kombu's own sweep (QoS.restore_visible): jobs taken longer than the visibility
+    timeout ago and never acknowledged go back to the queue. Run here on a timer of our own so that it happens
+    with every pool and across broker restarts; several workers sweeping take turns under kombu's mutex."""
+    log = logging.getLogger("zimage-worker")
+    connection = None
+    while True:
+        time.sleep(every)
+        try:
+            if connection is None:
+                connection = app.connection_for_read()
+            connection.default_channel.qos.restore_visible(num=None, interval=1)
+        except Exception as e:                    # the broker is away: the next round reconnects
+            log.debug("sweep for lost jobs: %s", e)
+            try:
+                connection.release()
+            except Exception:
+                pass
+            connection = None
 
 
 if __name__ == "__main__":
