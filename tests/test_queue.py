@@ -77,7 +77,7 @@ class Cluster:
 
     def env(self, role: str, **extra) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ZIMAGE_")}
-        env.update(ZIMAGE_BROKER_PASSWORD_FILE=str(self.files[role]), **extra)
+        env.update({"ZIMAGE_BROKER_PASSWORD_FILE": str(self.files[role]), **extra})
         return env
 
     def redis_as(self, role: str) -> "redis.Redis":
@@ -364,3 +364,88 @@ def wait_for(condition, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+def test_wrong_password_and_a_password_on_the_command_line_are_refused(cluster, tmp_path):
+    c = cluster
+    jobs, out = write_jobs(tmp_path / "jobs.csv", tiny_rows(1, "refused")), tmp_path / "out"
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password\n")
+    env = c.env("client", ZIMAGE_BROKER_PASSWORD_FILE=str(wrong))
+    result = subprocess.run([BATCH, "--broker", c.url("client"), "--jobs", str(jobs), "--out", str(out)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "nothing was sent" in result.stderr and "refused user 'zimage-client''s password (WRONGPASS)" in result.stderr
+    assert "ZIMAGE_BROKER_PASSWORD_FILE" in result.stderr and not out.exists()
+
+    in_url = c.url("client").replace("zimage-client@", f"zimage-client:{c.passwords['client']}@")
+    result = subprocess.run([BATCH, "--broker", in_url, "--jobs", str(jobs), "--out", str(out)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO, env=c.env("client"))
+    assert result.returncode == 2 and "the password is written in --broker" in result.stderr, result.stderr
+    assert c.passwords["client"] not in result.stdout + result.stderr
+
+    worker = subprocess.run([WORKER, "--broker", c.url("worker"), "--comfyui", c.servers["a"].url],
+                            capture_output=True, text=True, timeout=60, cwd=REPO,
+                            env=c.env("worker", ZIMAGE_BROKER_PASSWORD_FILE=str(wrong)))
+    assert worker.returncode == 2 and "WRONGPASS" in worker.stderr, worker.stdout + worker.stderr
+    remote = subprocess.run([WORKER, "--broker", c.url("worker"), "--comfyui", "http://10.0.0.5:8188"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO, env=c.env("worker"))
+    assert remote.returncode == 2 and "loopback only" in remote.stderr, remote.stderr
+
+
+def test_each_user_may_do_its_part_only_and_no_secret_is_shown(cluster):
+    c = cluster
+    client = c.redis_as("client")
+    client.ping()
+    for refused in (lambda: client.brpop(["zimage"], 1), lambda: client.hgetall("unacked"),
+                    lambda: client.delete("zimage"), lambda: client.keys("*"), lambda: client.flushall(),
+                    lambda: client.lpush("another-queue", "x"), lambda: client.config_get("*")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
+    worker = c.redis_as("worker")
+    for refused in (lambda: worker.flushall(), lambda: worker.config_get("*"), lambda: worker.keys("*"),
+                    lambda: worker.acl_list()):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=c.redis.port, socket_timeout=5).ping()   # no password: no entry
+    # no password on a command line (ps shows those), in a worker's log, or in the ACL file
+    for proc in [c.redis.proc, *c.workers.values()]:
+        if proc.poll() is None:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+            assert not any(p in cmdline for p in c.passwords.values()), cmdline
+    logs = "".join(log.read_text(errors="replace") for log in c.worker_logs.values())
+    assert logs and not any(p in logs for p in c.passwords.values())
+    assert not any(p in c.acl for p in c.passwords.values())
+
+
+def test_tls_required_refuses_plain_and_untrusted_and_runs_jobs_with_the_ca(cluster, tmp_path):
+    c = cluster
+    cert, key, ca = make_certificates(tmp_path / "certs")
+    tls = RedisServer(tmp_path / "redis-tls", c.acl, tls=(cert, key, ca)).start()
+    try:
+        jobs, out = write_jobs(tmp_path / "jobs.csv", tiny_rows(3, "tls", seed0=3000)), tmp_path / "out"
+        base = ["--jobs", str(jobs), "--out", str(out), "--progress", "off"]
+
+        def batch(url, *extra):
+            return subprocess.run([BATCH, "--broker", url, *base, *extra], capture_output=True, text=True,
+                                  timeout=120, cwd=REPO, env=c.env("client"))
+
+        plain = batch(c.url("client", tls))
+        assert plain.returncode == 2 and "if the broker requires TLS, use rediss://" in plain.stderr, plain.stderr
+        untrusted = batch(c.url("client", tls, "rediss"))
+        assert untrusted.returncode == 2 and "--tls-ca" in untrusted.stderr and "not trusted" in untrusted.stderr, \
+            untrusted.stderr
+        c.start_worker("tls", c.servers["a"], c.url("worker", tls, "rediss"), "--tls-ca", str(ca), "--no-warmup")
+        result = batch(c.url("client", tls, "rediss"), "--tls-ca", ca)
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = read_log(out / "log.jsonl")
+        assert [l["status"] for l in lines] == ["ok"] * 3 and {l["worker"] for l in lines} == {"tls@test"}
+        assert all(l["results"].startswith("result backend") for l in lines), "no --shared-dir: through Redis"
+        assert len({Path(f).read_bytes() for l in lines for f in l["files"]}) == 3
+    finally:
+        proc = c.workers.pop("tls", None)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        tls.stop()
