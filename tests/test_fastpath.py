@@ -265,11 +265,13 @@ def test_ten_caption_lengths_and_three_sizes_compile_a_bounded_number_of_graphs(
 def test_compile_failed_is_reported_when_dynamo_hits_its_recompile_limit(monkeypatch, caplog):
     """With a limit of 1 the second kind of call (the context refiner after the modulated blocks) is past
     it: dynamo would quietly run that block eager. The model must notice, say so once, and answer equal."""
+    from zimage_core import dit
     torch._dynamo.reset()
     compile_with(monkeypatch, CountingBackend())
+    monkeypatch.setattr(dit, "BLOCK_GRAPH_LIMIT", 1)
     model = tiny_dit()
     x, t, caps = inputs(cap_lens=(7,))
-    with torch.no_grad(), caplog.at_level("WARNING"), torch._dynamo.config.patch(recompile_limit=1):
+    with torch.no_grad(), caplog.at_level("WARNING"):
         eager = model(x, t, caps)
         with model.compiled_blocks():
             first, second = model(x, t, caps), model(x, t, caps)
@@ -278,6 +280,28 @@ def test_compile_failed_is_reported_when_dynamo_hits_its_recompile_limit(monkeyp
     assert torch.equal(first, eager) and torch.equal(second, eager)
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert len(warnings) == 1 and "recompile_limit" in warnings[0]
+
+
+def test_models_of_three_dtypes_compile_in_one_process_past_dynamos_default_limit(monkeypatch):
+    """fp32, fp8 blocks and an fp16 model, each at batch 1 and a masked batch 2: 15 graphs of one code object
+    (TransformerBlock.forward), past dynamo's default recompile limit of 8, and all of them compiled."""
+    torch._dynamo.reset()
+    counting = CountingBackend()
+    compile_with(monkeypatch, counting)
+    models = [tiny_dit(seed=1), tiny_dit(seed=2), tiny_dit(seed=3).half()]
+    quant.store_blocks_in_fp8(models[1])
+    with torch.no_grad():
+        for model in models:
+            for lens in [(7,), (7, 40)]:
+                x, t, caps = inputs(cap_lens=lens)
+                eager = model(x, t, caps)
+                with model.compiled_blocks():
+                    compiled = model(x, t, caps)
+                assert rel_err(compiled.float(), eager.float())[1] <= EXACT_FP32
+    torch._dynamo.reset()
+    print(f"graphs for three models: {counting.graphs}")
+    assert torch._dynamo.config.recompile_limit == 8 and counting.graphs > 8
+    assert not any(m.compile_failed for m in models)
 
 
 def test_an_input_error_under_compile_is_the_callers_and_leaves_compiling_on(monkeypatch):

@@ -153,6 +153,12 @@ class PromptContext:
 # (FailOnRecompileLimitHit is no TorchDynamoException).
 COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
+# dynamo's recompile limit (8 by default) counts graphs per code object, and every block of every ZImageDiT in
+# the process runs TransformerBlock.forward: one model makes up to 5 kinds of graph (modulated or not, masked
+# or not, batch 1 or more), a second model in another dtype (fp8 blocks, fp16) as many again. So compiled
+# blocks run under this limit instead of the process-wide one; past it they fail loudly (compile_failed).
+BLOCK_GRAPH_LIMIT = 32
+
 
 def _dynamic_tokens(x: Tensor, rope: RopeTable, mask: Tensor | None = None) -> None:
     """Mark the token dimension of a block's inputs dynamic before the compiled blocks see them. The token
@@ -208,7 +214,8 @@ class ZImageDiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, captions: list[Tensor]) -> Tensor:
         if (self.compiled or self._compile_scope) and not self._compile_failed:
             try:
-                return self._forward(x, t, captions, compiled=True)
+                with torch._dynamo.config.patch(recompile_limit=BLOCK_GRAPH_LIMIT):
+                    return self._forward(x, t, captions, compiled=True)
             except COMPILE_ERRORS as e:
                 # Nothing was changed: run it again eager. An error that eager raises too is the call's own
                 # (bad inputs), not the compiler's: it propagates from here and compiling stays on.
