@@ -449,3 +449,33 @@ def test_tls_required_refuses_plain_and_untrusted_and_runs_jobs_with_the_ca(clus
             proc.terminate()
             proc.wait(30)
         tls.stop()
+
+
+def test_sigterm_lets_a_worker_finish_its_job_then_stop(cluster, tmp_path):
+    """systemctl stop: the job in hand is finished and acknowledged (not given out again), then the worker
+    exits 0; the other worker does the rest. Last: it stops worker a."""
+    c = cluster
+    c.ensure_worker("a")
+    c.ensure_worker("b")
+    a = c.servers["a"]
+    n = 30
+    out, jobs = c.shared / "sigterm", write_jobs(tmp_path / "jobs.csv", tiny_rows(n, "sigterm", seed0=4000))
+    client = subprocess.Popen(batch_args(c, jobs, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO, env=c.env("client"))
+    try:
+        deadline = time.monotonic() + 120
+        while not (running := a.get("/queue")["queue_running"]):
+            assert time.monotonic() < deadline and client.poll() is None, "worker a never ran a job"
+            time.sleep(0.01)
+        c.workers["a"].terminate()
+        in_hand = running[0][1]
+        assert c.workers["a"].wait(60) == 0, c.worker_logs["a"].read_text()[-3000:]
+        stdout, stderr = client.communicate(timeout=180)
+    finally:
+        client.kill()
+    assert client.returncode == 0, stdout + stderr
+    lines = read_log(out / "log.jsonl")
+    check_once_each(lines, out, n)
+    [finished] = [l for l in lines if l["prompt_id"] == in_hand]
+    assert finished["worker"] == "a@test" and not finished["redelivered"], finished
+    assert not any(l["redelivered"] for l in lines), "a clean stop hands nothing back late"
