@@ -1,0 +1,197 @@
+"""Core nodes on the loaders' MODEL against core's own loader on the same file, in a real server.
+
+Core's UNETLoader detects Z-Image only at the released width (dim 3840), so the file here is Z-Image at full
+width and two main layers (1.1 B parameters, 2.2 GB bf16, random), which both loaders read. Each core node that
+patches a model (LoraLoader in every format core maps, the Fun ControlNet, ScaleROPE) runs once on the pack's
+MODEL and once on core's, same seed and prompt: the saved PNGs must agree, and the node must change the image
+(or the fixture would be too weak to tell). The same server reports how much anonymous memory each loader's model
+costs (the pack's bf16 weights stay memory-mapped)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, comfyui_tree
+
+sys.path.insert(0, str(REPO / "scripts"))
+from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
+
+WIDE = "zt_wide_bf16.safetensors"
+CONTROL = "zt_fun_controlnet_union.safetensors"
+SIZE, STEPS, SEED = 64, 2, 31
+
+
+def wide_config():
+    from zimage_core.config import DiTConfig
+    from zimage_core.synthetic import TINY_TEXT
+    return DiTConfig(n_layers=2, cap_feat_dim=TINY_TEXT.hidden)      # the released widths, two main layers
+
+
+@pytest.fixture(scope="module")
+def wide_files(tmp_path_factory):
+    """The wide DiT and a Fun ControlNet (Union 1.0 layout, as core's ModelPatchLoader reads it) for it, written
+    once for both ComfyUI versions."""
+    from safetensors.torch import save_file
+    from zimage_core import synthetic
+    folder = tmp_path_factory.mktemp("wide")
+    save_file(synthetic.dit_weights(wide_config(), seed=21), str(folder / WIDE))
+    save_file(controlnet_weights(), str(folder / CONTROL))
+    return folder
+
+
+def controlnet_weights(seed: int = 22) -> dict[str, torch.Tensor]:
+    """Random weights with the keys and shapes of core's ZImage_Control (v1.0: six control layers)."""
+    comfyui_tree()
+    from conftest import import_comfy
+    import_comfy()
+    import comfy.ldm.lumina.controlnet as controlnet
+    import comfy.ops
+    with torch.device("meta"):
+        module = controlnet.ZImage_Control(operations=comfy.ops.disable_weight_init, device="meta")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in module.state_dict().items():
+        noise = torch.randn(t.shape, generator=g) * 0.02
+        out[name] = (1 + noise if "norm" in name and name.endswith("weight") else noise).to(torch.bfloat16)
+    return out
+
+
+@pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
+def server(request, tmp_path_factory, wide_files):
+    comfyui_tree(request.param)
+    base = tmp_path_factory.mktemp(f"core-nodes-{request.param}")
+    write_tiny_models(base / "models")
+    for sub, name in (("diffusion_models", WIDE), ("model_patches", CONTROL)):
+        (base / "models" / sub).mkdir(parents=True, exist_ok=True)
+        os.link(wide_files / name, base / "models" / sub / name)          # no copy of 2-4 GB
+    write_loras(base / "models" / "loras", wide_config().dim)
+    with ComfyServer(request.param, base) as srv:
+        yield srv
+
+
+LORA_FORMATS = ("comfyui", "ai-toolkit", "diffusers-peft", "diffsynth")
+
+
+def write_loras(folder, dim: int, rank: int = 4) -> None:
+    """One LoRA on the first main block's attention, in each format core maps for Z-Image."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+
+    def pair(rows):
+        return torch.randn(rows, rank, generator=g) * 0.05, torch.randn(rank, dim, generator=g) * 0.05
+    up_q, down_q = pair(dim)
+    up_o, down_o = pair(dim)
+    for name, prefix, a, b in (("ai-toolkit", "diffusion_model.", "lora_A.weight", "lora_B.weight"),
+                               ("diffusers-peft", "transformer.", "lora_A.weight", "lora_B.weight"),
+                               ("diffsynth", "", "lora_A.default.weight", "lora_B.default.weight")):
+        save_file({f"{prefix}layers.0.attention.to_q.{a}": down_q, f"{prefix}layers.0.attention.to_q.{b}": up_q,
+                   f"{prefix}layers.0.attention.to_out.0.{a}": down_o,
+                   f"{prefix}layers.0.attention.to_out.0.{b}": up_o}, str(folder / f"{name}.safetensors"))
+    up3, down3 = pair(3 * dim)
+    save_file({"diffusion_model.layers.0.attention.qkv.lora_up.weight": up3,
+               "diffusion_model.layers.0.attention.qkv.lora_down.weight": down3}, str(folder / "comfyui.safetensors"))
+
+
+def job(server, side: str, patches: list[dict] | None = None, prefix: str = "x") -> dict:
+    """A prompt whose MODEL is the pack's loader (side 'pack') or core's UNETLoader ('core') on the wide file,
+    with the pack's text encoder and VAE for both, through `patches` (node dicts taking the MODEL from "m" and
+    giving it as their output 0), sampled by the pack's sampler."""
+    info = server.object_info()["ZImageTurboLoader"]["input"]["required"]
+    tiny = lambda key: next(n for n in info[key][0] if "tiny" in n)   # noqa: E731
+    wf = {"1": {"class_type": "ZImageTurboLoader", "inputs": {
+              "unet_name": WIDE, "clip_name": tiny("clip_name"), "vae_name": tiny("vae_name"),
+              "weight_dtype": "bf16"}},
+          "2": {"class_type": "UNETLoader", "inputs": {"unet_name": WIDE, "weight_dtype": "default"}},
+          "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
+          "4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+          "6": {"class_type": "ZImageTurboVAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+          "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"{prefix}_{side}"}}}
+    model = ["1", 0] if side == "pack" else ["2", 0]
+    for i, node in enumerate(patches or []):
+        node = {"class_type": node["class_type"], "inputs": dict(node["inputs"])}
+        node["inputs"]["model"] = model
+        wf[f"p{i}"] = node
+        model = [f"p{i}", 0]
+    wf["5"] = {"class_type": "ZImageTurboSampler", "inputs": {
+        "model": model, "positive": ["3", 0], "latent_image": ["4", 0], "seed": SEED, "steps": STEPS, "cfg": 1.0,
+        "shift": 3.0, "denoise": 1.0}}
+    return wf
+
+
+def image(server, wf) -> np.ndarray:
+    files = server.output_files(server.run(wf, timeout=600))
+    return np.asarray(Image.open(files[0])).astype(np.int16)
+
+
+def pack_and_core(server, patches, prefix):
+    pack, core = image(server, job(server, "pack", patches, prefix)), image(server, job(server, "core", patches, prefix))
+    return pack, core
+
+
+@pytest.fixture(scope="module")
+def plain(server):
+    pack, core = pack_and_core(server, [], "plain")
+    diff = np.abs(pack - core).max()
+    print(f"{server.version} no patch: pack MODEL vs core UNETLoader {diff}/255; image std {pack.std():.1f}")
+    assert diff <= 1 and pack.std() > 5
+    return pack
+
+
+# What core maps, per version: 0.3.75 predates the transformer. prefix and DiffSynth's .default. names (core
+# says "lora key not loaded" for them, on its own model as on the pack's). The pack's own LoRA loader for every
+# format is the issue "Beyond core in the ecosystem".
+CORE_MAPS = {"0.3.75": {"comfyui", "ai-toolkit"}}
+
+
+@pytest.mark.parametrize("fmt", LORA_FORMATS)
+def test_core_lora_loader_acts_on_the_pack_model_as_on_core_s(server, plain, fmt):
+    lora = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": f"{fmt}.safetensors", "strength_model": 1.0}}
+    log_before = len(server.log_text())
+    pack, core = pack_and_core(server, [lora], f"lora_{fmt}")
+    effect = np.abs(pack - plain).max()
+    print(f"{server.version} LoRA {fmt}: pack vs core {np.abs(pack - core).max()}/255, effect {effect}/255")
+    assert np.abs(pack - core).max() <= 1
+    ignored = "lora key not loaded" in server.log_text()[log_before:]
+    if fmt in CORE_MAPS.get(server.version, set(LORA_FORMATS)):
+        assert effect > 10 and not ignored, "the LoRA did not change the image"
+    else:                                     # core's own limit on this version, and it says so
+        assert effect == 0 and ignored
+
+
+def test_fun_controlnet_acts_on_the_pack_model_as_on_core_s(server, plain):
+    if "ZImageFunControlnet" not in server.object_info():
+        pytest.skip(f"ComfyUI {server.version} has no ZImageFunControlnet (added in 0.3.76+)")
+    (server.base / "input").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(SIZE, SIZE, 3, generator=g) * 255).byte().numpy()).save(server.base / "input" / "pose.png")
+    nodes = [{"class_type": "ZImageFunControlnet", "inputs": {
+        "model_patch": ["cn", 0], "vae": ["1", 2], "strength": 1.0, "image": ["img", 0]}}]
+    results = []
+    for side in ("pack", "core"):
+        wf = job(server, side, nodes, "controlnet")
+        wf["cn"] = {"class_type": "ModelPatchLoader", "inputs": {"name": CONTROL}}
+        wf["img"] = {"class_type": "LoadImage", "inputs": {"image": "pose.png"}}
+        results.append(image(server, wf))
+    pack, core = results
+    print(f"{server.version} Fun ControlNet: pack vs core {np.abs(pack - core).max()}/255, "
+          f"effect {np.abs(pack - plain).max()}/255")
+    assert np.abs(pack - core).max() <= 1
+    assert np.abs(pack - plain).max() > 10, "the ControlNet did not change the image"
+
+
+def test_scale_rope_acts_on_the_pack_model_as_on_core_s(server, plain):
+    if "ScaleROPE" not in server.object_info():
+        pytest.skip(f"ComfyUI {server.version} has no ScaleROPE node")
+    rope = {"class_type": "ScaleROPE", "inputs": {"scale_x": 2.0, "shift_x": 0.0, "scale_y": 2.0, "shift_y": 0.0,
+                                                  "scale_t": 1.0, "shift_t": 0.0}}
+    pack, core = pack_and_core(server, [rope], "rope")
+    print(f"{server.version} ScaleROPE: pack vs core {np.abs(pack - core).max()}/255, "
+          f"effect {np.abs(pack - plain).max()}/255")
+    assert np.abs(pack - core).max() <= 1
+    assert np.abs(pack - plain).max() > 10, "ScaleROPE did not change the image"
