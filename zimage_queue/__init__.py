@@ -8,4 +8,5 @@
 - tasks.py: the Celery task a worker runs, and its health answer for `celery inspect`.
 - worker.py: the `zimage-worker` command.
 - submit.py: the batch client's queue mode (`zimage-batch --broker`).
+- ops.py: the app for `celery -A zimage_queue.ops inspect …` and Flower, configured from the environment.
 """
