@@ -20,8 +20,8 @@ from comfy.ldm.modules.diffusionmodules.mmdit import TimestepEmbedder
 
 from ..zimage_core.config import DiTConfig
 from ..zimage_core.errors import CheckpointMismatch
-from ..zimage_core.loading import prepare_dit
-from ..zimage_core.precision import choose_dtypes
+from ..zimage_core.loading import FP8_DTYPES, prepare_dit
+from ..zimage_core.precision import FP8_NAME, choose_dtypes
 from ..zimage_core.quant import FP8, block_linears
 from . import pack_ops
 
@@ -61,6 +61,12 @@ def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: 
     meta_dit, report, read = prepare_dit(source)            # layout, config, strict key/shape check
     cfg: DiTConfig = report.config
     dtypes = choose_dtypes(mm.get_torch_device(), weight_dtype)
+    # the block weights of an fp8 file stay fp8 under 'auto' (as core's loader keeps them): users pick an fp8
+    # file to fit a smaller card, and widening it would double its memory
+    block_linear_weights = {f"{name}.weight" for _, _, name, _ in block_linears(meta_dit)}
+    fp8_file = all(report.block_dtypes.get(k) in FP8_DTYPES for k in block_linear_weights)
+    if weight_dtype == "auto" and fp8_file:
+        dtypes = choose_dtypes(mm.get_torch_device(), FP8_NAME)
     compute = dtypes.dit
     fp16_guard = compute == torch.float16
     if fp16_guard:                     # weights in fp16, everything else in fp32 (pack_ops.fp16_guarded_linear)
@@ -78,9 +84,6 @@ def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: 
     model.device = None
     dit = model.diffusion_model
     _size_timestep_embedder(dit, cfg, compute, mc.custom_operations)
-
-    # the block attention and FFN weights, as the pack's engine stores them narrower (adaLN stays in compute)
-    block_linear_weights = {f"{name}.weight" for _, _, name, _ in block_linears(meta_dit)}
 
     def storage(key: str) -> torch.dtype:
         if key in block_linear_weights:
