@@ -13,9 +13,9 @@ TFLOP/s and its fraction of a bf16 matmul peak measured in the same run, and cor
 
 Pack variants (`--variants`), each a DiT over the same weight tensors (fp8: its own fp8 copy of the blocks):
 `pack` (the fast path, zimage_core.fastpath.FAST, as the loaders configure it), `pack-plain` (fastpath.PLAIN),
-`pack-compile` (FAST + torch.compile per block), `pack-fp8` (block matmuls in fp8, quant.use_fp8_matmul);
-and the DiT as the pack's ComfyUI nodes run it (nodes.bridge.ComfyZImageDiT: ComfyUI's Linears, called as the
-pack's sampler calls it): `node`, and `node-fp8` (the loaders' fp8_e4m3fn_fast: fp8 blocks, FP8MatmulLinear).
+`pack-compile` (FAST + torch.compile per block), `pack-fp8` (block matmuls in fp8, quant.use_fp8_matmul).
+Inside ComfyUI the pack's loaders now hand ComfyUI core's own NextDiT (nodes/core_model.py): that is the core
+job below; measuring the nodes end to end through ComfyUI's loaders is the benchmark's next step.
 `--memory` then runs the pack at `--memory-size` under each memory policy (keep / swap / lowvram), and swap and
 lowvram again with the DiT's blocks in fp8, and reports per-stage peaks: the issue's "<= 13 GB bf16",
 "<= 8 GB fp8" and "< 6 GB low-VRAM" figures.
@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (dit_flops, flop_counter, fmt_gib, import_comfy, matmul_peak,  # noqa: E402
                     materialise_random, print_table, share_weights, summary, sync, text_encoder_flops,
                     time_once, write_result)
-from comfy_tree import comfy_nextdit, import_pack  # noqa: E402  (scripts/ is on the path once common is imported)
+from comfy_tree import comfy_nextdit  # noqa: E402  (scripts/ is on the path once common is imported)
 from zimage_core.config import TURBO, DiTConfig  # noqa: E402
 from zimage_core.dit import ZImageDiT  # noqa: E402
 from zimage_core.fastpath import FAST, PLAIN, FastPath, configure  # noqa: E402
 from zimage_core.memory import POLICIES  # noqa: E402
-from zimage_core.quant import store_blocks_in_fp8, use_fp8_matmul  # noqa: E402
+from zimage_core.quant import use_fp8_matmul  # noqa: E402
 from zimage_core.pipeline import ZImageModels, ZImagePipeline  # noqa: E402
 from zimage_core.sampling import sample, sigma_schedule  # noqa: E402
 from zimage_core.text_encoder import QWEN3_4B, Qwen3Config, Qwen3Encoder  # noqa: E402
@@ -53,7 +53,7 @@ from zimage_core.vae import FLUX_AE, AutoEncoder, VAEConfig, from_model_space  #
 
 STAGES = ("text encode", "DiT", "VAE decode", "end to end")
 PACK, CORE = "pack", "core"
-VARIANTS = ("pack", "pack-plain", "pack-compile", "pack-fp8", "node", "node-fp8")
+VARIANTS = ("pack", "pack-plain", "pack-compile", "pack-fp8")
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,6 @@ class PackJob:
 
     def decode(self, latent):
         return self.pipe.decode(latent)
-
-
-class NodeJob(PackJob):
-    """The pack's job with the DiT the ComfyUI nodes hold, called as the pack's sampler calls it (`raw`)."""
-
-    def model(self):
-        return self.pipe.models.dit.raw
 
 
 class CoreJob:
@@ -199,25 +192,7 @@ def dit_variant(name: str, dit: ZImageDiT) -> ZImageDiT:
         print(f"pack-fp8: {len(converted)} block Linears in fp8 matmul" if converted else
               "pack-fp8: this device has no fp8 matmul; blocks stored in fp8, computed in bf16 (weight-only)")
         return twin
-    if name in ("node", "node-fp8"):
-        return node_dit(dit, fp8=name == "node-fp8")
     raise ValueError(f"unknown variant '{name}': choose from {', '.join(VARIANTS)}")
-
-
-def node_dit(dit: ZImageDiT, fp8: bool) -> ZImageDiT:
-    """The DiT as the pack's loaders build it for ComfyUI, over `dit`'s tensors (fp8: an fp8 copy of the block
-    weights, as weight_dtype fp8_e4m3fn_fast stores them, multiplied by FP8MatmulLinear)."""
-    bridge = import_pack("nodes.bridge")
-    with torch.device("meta"):
-        node = bridge.ComfyZImageDiT(dit.cfg)
-    share_weights(node, dit)
-    configure(node, FAST)
-    if fp8:
-        linears = store_blocks_in_fp8(node)
-        for linear in linears:
-            linear.comfy_cast_weights = True
-        bridge.use_fp8_matmul_linears(linears)
-    return node
 
 
 def build(setup: Setup, device, dtype, vae_dtype, with_core: bool, variants: tuple[str, ...] = (PACK,)):
@@ -225,7 +200,7 @@ def build(setup: Setup, device, dtype, vae_dtype, with_core: bool, variants: tup
     dit = materialise_random(lambda: ZImageDiT(setup.dit), device, dtype, seed=0)
     vae = materialise_random(lambda: AutoEncoder(setup.vae), device, vae_dtype, seed=2)
     tokens = FixedTokens(setup.caption_tokens, setup.text.vocab_size)
-    packs = {name: (NodeJob if name.startswith("node") else PackJob)(
+    packs = {name: PackJob(
         ZImageModels(dit_variant(name, dit), te, vae, tokens), device) for name in variants}
     if not with_core:
         return packs, None
