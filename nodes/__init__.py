@@ -2,6 +2,7 @@
 0.30.0 both load. Node ids are frozen: inputs may be appended, never renamed."""
 from .image import ZImageTurboSize, ZImageTurboVAEDecode, ZImageTurboVAEEncode
 from .loaders import ZImageTurboCheckpointLoader, ZImageTurboDiffusersLoader, ZImageTurboLoader
+from .lora import ZImageLoraLoader
 from .sampling import ZImageTurboSampler
 from .save import ZImageTurboSaveImage
 from .speed import ZImageTurboCompile
@@ -16,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTurboVAEEncode": ZImageTurboVAEEncode,
     "ZImageTurboSaveImage": ZImageTurboSaveImage,
     "ZImageTurboCompile": ZImageTurboCompile,
+    "ZImageLoraLoader": ZImageLoraLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboLoader": "Z-Image Turbo Loader",
@@ -27,4 +29,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboVAEEncode": "Z-Image Turbo VAE Encode",
     "ZImageTurboSaveImage": "Z-Image Turbo Save Image",
     "ZImageTurboCompile": "Z-Image Turbo Compile",
+    "ZImageLoraLoader": "Z-Image LoRA Loader (any trainer)",
 }
