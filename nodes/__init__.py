@@ -1,6 +1,8 @@
 """The pack's ComfyUI nodes. Registered through NODE_CLASS_MAPPINGS only (V1), which ComfyUI 0.3.75 and
 0.30.0 both load. Node ids are frozen: inputs may be appended, never renamed."""
+from .controlnet import ZImageFunControlnetScheduled
 from .image import ZImageTurboSize, ZImageTurboVAEDecode, ZImageTurboVAEEncode
+from .inpaint import ZImageInpaintEncode
 from .loaders import ZImageTurboCheckpointLoader, ZImageTurboDiffusersLoader, ZImageTurboLoader
 from .lora import ZImageLoraLoader
 from .sampling import ZImageTurboSampler
@@ -18,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTurboSaveImage": ZImageTurboSaveImage,
     "ZImageTurboCompile": ZImageTurboCompile,
     "ZImageLoraLoader": ZImageLoraLoader,
+    "ZImageFunControlnetScheduled": ZImageFunControlnetScheduled,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboLoader": "Z-Image Turbo Loader",
@@ -30,4 +33,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboSaveImage": "Z-Image Turbo Save Image",
     "ZImageTurboCompile": "Z-Image Turbo Compile",
     "ZImageLoraLoader": "Z-Image LoRA Loader (any trainer)",
+    "ZImageFunControlnetScheduled": "Z-Image Fun ControlNet (start/end)",
 }

@@ -96,6 +96,30 @@ def write_loras(folder, dim: int, rank: int = 4) -> None:
     up3, down3 = pair(3 * dim)
     save_file({"diffusion_model.layers.0.attention.qkv.lora_up.weight": up3,
                "diffusion_model.layers.0.attention.qkv.lora_down.weight": down3}, str(folder / "comfyui.safetensors"))
+    write_musubi_pair(folder, dim, rank)
+
+
+def write_musubi_pair(folder, dim: int, rank: int) -> None:
+    """musubi-tuner's native LoRA (split q/k/v, alpha = rank / 2), its lora_unet__ variant without alpha, and each
+    one's delta written by hand in ComfyUI's fused form, which core's LoraLoader reads."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(6)
+    parts = {n: (torch.randn(rank, dim, generator=g) * 0.05, torch.randn(dim, rank, generator=g) * 0.05)
+             for n in ("to_q", "to_k", "to_v")}
+    for name, prefix, alpha in (("musubi", "lora_unet_", rank / 2), ("musubi_double_underscore", "lora_unet__", None)):
+        sd = {}
+        for n, (down, up) in parts.items():
+            key = f"{prefix}layers_0_attention_{n}"
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down.clone(), up.clone()
+            if alpha is not None:
+                sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+        save_file(sd, str(folder / f"{name}.safetensors"))
+        scale = (alpha if alpha is not None else rank) / rank
+        up = torch.block_diag(*[p[1] * scale for p in parts.values()])           # each part on its own rows
+        save_file({"diffusion_model.layers.0.attention.qkv.lora_up.weight": up.contiguous(),
+                   "diffusion_model.layers.0.attention.qkv.lora_down.weight": torch.cat([p[0] for p in parts.values()]),
+                   "diffusion_model.layers.0.attention.qkv.alpha": torch.tensor(float(3 * rank))},
+                  str(folder / f"{name}_as_comfyui.safetensors"))
 
 
 def job(server, side: str, patches: list[dict] | None = None, prefix: str = "x") -> dict:
@@ -195,3 +219,74 @@ def test_scale_rope_acts_on_the_pack_model_as_on_core_s(server, plain):
           f"effect {np.abs(pack - plain).max()}/255")
     assert np.abs(pack - core).max() <= 1
     assert np.abs(pack - plain).max() > 10, "ScaleROPE did not change the image"
+
+
+@pytest.mark.parametrize("fmt", ["musubi", "musubi_double_underscore"])
+def test_pack_lora_loader_reads_what_core_does_not(server, plain, fmt):
+    """musubi-tuner's native keys (ComfyUI issue 11487: "lora key not loaded" in core) through the pack's
+    Z-Image LoRA Loader, against the same delta in ComfyUI's form through core's LoraLoader, on the same MODEL."""
+    ours = {"class_type": "ZImageLoraLoader", "inputs": {"lora_name": f"{fmt}.safetensors", "strength_model": 0.8}}
+    core = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": f"{fmt}_as_comfyui.safetensors",
+                                                           "strength_model": 0.8}}
+    log_before = len(server.log_text())
+    with_ours = image(server, job(server, "pack", [ours], f"ours_{fmt}"))
+    with_core = image(server, job(server, "pack", [core], f"core_{fmt}"))
+    print(f"{server.version} {fmt}: pack LoRA loader vs core LoraLoader on the same delta "
+          f"{np.abs(with_ours - with_core).max()}/255, effect {np.abs(with_ours - plain).max()}/255")
+    assert np.abs(with_ours - with_core).max() <= 1
+    assert np.abs(with_ours - plain).max() > 10, "the LoRA did not change the image"
+    assert "lora key not loaded" not in server.log_text()[log_before:]
+
+
+def controlnet_inputs(server) -> dict:
+    (server.base / "input").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(3)
+    if not (server.base / "input" / "pose.png").exists():
+        Image.fromarray((torch.rand(SIZE, SIZE, 3, generator=g) * 255).byte().numpy()).save(
+            server.base / "input" / "pose.png")
+    return {"cn": {"class_type": "ModelPatchLoader", "inputs": {"name": CONTROL}},
+            "img": {"class_type": "LoadImage", "inputs": {"image": "pose.png"}}}
+
+
+def test_scheduled_controlnet_is_core_s_control_on_the_steps_asked(server, plain):
+    """The pack's Fun ControlNet (start/end) on the pack's MODEL: over the whole range it is core's
+    ZImageFunControlnet; ending at 40% of 2 steps it equals, by hand with core's nodes, the first step sampled
+    with core's control (KSamplerAdvanced steps 0-1, leftover noise kept) and the second without it."""
+    if "ZImageFunControlnet" not in server.object_info():
+        pytest.skip(f"ComfyUI {server.version} has no ZImageFunControlnet (added in 0.3.76+)")
+    cn = {"model_patch": ["cn", 0], "vae": ["1", 2], "strength": 1.0, "image": ["img", 0]}
+
+    def ksampler(model, start, end, add_noise, leftover, latent, node_id):
+        return {node_id: {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": model, "add_noise": add_noise, "noise_seed": SEED, "steps": STEPS, "cfg": 1.0,
+            "sampler_name": "euler", "scheduler": "simple", "positive": ["3", 0], "negative": ["neg", 0],
+            "latent_image": latent, "start_at_step": start, "end_at_step": end,
+            "return_with_leftover_noise": leftover}}}
+
+    def run(extra: dict, samples, prefix):
+        wf = job(server, "pack", [], prefix)
+        wf.update(controlnet_inputs(server))
+        wf["neg"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}}
+        wf.update(extra)
+        wf["6"]["inputs"]["samples"] = samples
+        return image(server, wf)
+
+    whole = {"class_type": "ZImageFunControlnetScheduled", "inputs": {**cn, "start_percent": 0.0, "end_percent": 1.0}}
+    core = {"class_type": "ZImageFunControlnet", "inputs": {**cn}}
+    ours_whole = run({"s": {**whole, "inputs": {**whole["inputs"], "model": ["1", 0]}},
+                      **ksampler(["s", 0], 0, 10000, "enable", "disable", ["4", 0], "k")}, ["k", 0], "sched_whole")
+    core_whole = run({"c": {**core, "inputs": {**core["inputs"], "model": ["1", 0]}},
+                      **ksampler(["c", 0], 0, 10000, "enable", "disable", ["4", 0], "k")}, ["k", 0], "core_whole")
+    early = {"class_type": "ZImageFunControlnetScheduled",
+             "inputs": {**cn, "model": ["1", 0], "start_percent": 0.0, "end_percent": 0.4}}
+    ours_early = run({"s": early, **ksampler(["s", 0], 0, 10000, "enable", "disable", ["4", 0], "k")}, ["k", 0],
+                     "sched_early")
+    by_hand = run({"c": {**core, "inputs": {**core["inputs"], "model": ["1", 0]}},
+                   **ksampler(["c", 0], 0, 1, "enable", "enable", ["4", 0], "k1"),
+                   **ksampler(["1", 0], 1, 10000, "disable", "disable", ["k1", 0], "k2")}, ["k2", 0], "by_hand")
+    print(f"{server.version} scheduled ControlNet: whole range vs core {np.abs(ours_whole - core_whole).max()}/255; "
+          f"end 40% vs by hand {np.abs(ours_early - by_hand).max()}/255; ending early changed "
+          f"{np.abs(ours_early - ours_whole).max()}/255")
+    assert np.abs(ours_whole - core_whole).max() <= 1
+    assert np.abs(ours_early - by_hand).max() <= 1
+    assert np.abs(ours_early - ours_whole).max() > 10, "ending the control early changed nothing"
