@@ -21,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTurboCompile": ZImageTurboCompile,
     "ZImageLoraLoader": ZImageLoraLoader,
     "ZImageFunControlnetScheduled": ZImageFunControlnetScheduled,
+    "ZImageInpaintEncode": ZImageInpaintEncode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboLoader": "Z-Image Turbo Loader",
@@ -34,4 +35,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTurboCompile": "Z-Image Turbo Compile",
     "ZImageLoraLoader": "Z-Image LoRA Loader (any trainer)",
     "ZImageFunControlnetScheduled": "Z-Image Fun ControlNet (start/end)",
+    "ZImageInpaintEncode": "Z-Image Inpaint Encode",
 }
