@@ -1,8 +1,13 @@
-"""The turbo sampler node: Turbo's exact schedule (shifted flow matching, Euler) run through core ComfyUI's
+"""The Z-Image sampler node: Z-Image's schedule (shifted flow matching, Euler) run through core ComfyUI's
 sampling (comfy.sample.sample_custom), so LoRAs, model patches, wrappers, ControlNets, masks, partial loading
-and dynamic VRAM act here exactly as in KSampler; seed noise, progress bar and Stop as ComfyUI makes them."""
+and dynamic VRAM act here exactly as in KSampler; seed noise, progress bar and Stop as ComfyUI makes them.
+
+Turbo (distilled: 8 steps, cfg 1) and Base (50 steps, real CFG with a negative) share the architecture and the
+schedule; the `variant` input only picks the defaults the canvas applies and the warnings. Base's CFG options
+(diffusers' cfg_normalization and cfg_truncation) are two of core's public model hooks, set on a clone."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -63,6 +68,95 @@ def check_latent(samples: torch.Tensor) -> tuple[int, int, int]:
     return B, w * d, h * d
 
 
+# The presets the canvas applies when `variant` changes (js/zimage_turbo.js holds the same table).
+VARIANTS = {"turbo": {"steps": 8, "cfg": 1.0}, "base": {"steps": 50, "cfg": 4.0}}
+log = logging.getLogger("comfyui_zimage_turbo")
+
+
+def variant_warnings(variant: str, steps: int, cfg: float, has_lora: bool) -> list[str]:
+    """The two settings that give a bad image without any error: Turbo with CFG (it is distilled for cfg 1),
+    Base at Turbo's step count (its sampling is not distilled; the Fun distill LoRA is what makes 8 steps work,
+    and any LoRA on the model is taken for it, since a file carries no tag saying what it is)."""
+    found = []
+    if variant == "turbo" and cfg > 1.0:
+        found.append(f"Turbo is distilled for cfg 1: cfg {cfg:g} runs the negative too (twice the time) and burns "
+                     f"the image; set cfg 1, or variant base if the model is Z-Image Base")
+    if variant == "base" and steps <= 8 and not has_lora:
+        found.append(f"Z-Image Base at {steps} steps gives an unfinished image: use 30-50 steps (the base preset "
+                     f"is 50, cfg 4), or load the Fun distill LoRA for 8 steps at cfg 1")
+    return found
+
+
+def t_norm(sigma: torch.Tensor) -> float:
+    """diffusers' normalised time of a step, (1000 - t) / 1000 with t = sigma * 1000 in float32 (0 at the start,
+    1 at the end), computed the same way so that a cfg_truncation on a step boundary cuts the same steps."""
+    t = sigma.detach().reshape(-1)[0].float().cpu() * 1000
+    return ((1000 - t) / 1000).item()
+
+
+def diffusers_cfg(normalization: float, truncation: float):
+    """(sampler_cfg_function, sampler_calc_cond_batch_function) doing diffusers' ZImagePipeline guidance:
+    pred = pos + g * (pos - neg) with g = cfg - 1; with normalization k > 0 the prediction's norm (per image) is
+    capped at k times the positive's; no guidance at all on steps whose t_norm exceeds truncation.
+
+    core hands the CFG function `cond` and `uncond` as x - denoised, i.e. sigma times the flow velocity: the same
+    image-wide factor on both, so the norm ratio diffusers tests on the velocity is the same number here."""
+    def truncated(sigma) -> bool:
+        return truncation < 1.0 and t_norm(sigma) > truncation
+
+    def cfg_function(args):
+        cond, uncond = args["cond"], args["uncond"]
+        if truncated(args["sigma"]):
+            return cond
+        pred = cond + (args["cond_scale"] - 1.0) * (cond - uncond)
+        if normalization > 0.0:
+            dims = tuple(range(1, pred.ndim))
+            cap = torch.linalg.vector_norm(cond, dim=dims, keepdim=True) * normalization
+            norm = torch.linalg.vector_norm(pred, dim=dims, keepdim=True)
+            pred = torch.where(norm > cap, pred * (cap / norm), pred)
+        return pred
+
+    def calc_cond_batch(args):
+        # a truncated step runs the positive alone, as diffusers does: no second pass to throw away
+        conds = args["conds"]
+        if conds[1] is not None and truncated(args["sigma"]):
+            out = comfy.samplers.calc_cond_batch(args["model"], [conds[0]], args["input"], args["sigma"],
+                                                 args["model_options"])
+            return [out[0], out[0]]
+        return comfy.samplers.calc_cond_batch(args["model"], conds, args["input"], args["sigma"],
+                                              args["model_options"])
+    return cfg_function, calc_cond_batch
+
+
+def with_guidance(model, cfg: float, normalization: float, truncation: float):
+    """The model to sample: itself when core's own CFG is already diffusers' (cfg 1, or neither option set),
+    else a clone carrying the two hooks (the input model, shared with other nodes, is left as it was)."""
+    if cfg == 1.0 or (normalization <= 0.0 and truncation >= 1.0):
+        return model
+    taken = [k for k in ("sampler_cfg_function", "sampler_calc_cond_batch_function") if k in model.model_options]
+    if taken:
+        raise ValueError(f"the model already carries a {taken[0]} from another node (e.g. RenormCFG or Skip Layer "
+                         f"Guidance): set cfg_normalization 0 and cfg_truncation 1 here, or remove that node")
+    cfg_function, calc_cond_batch = diffusers_cfg(normalization, truncation)
+    model = model.clone()
+    model.set_model_sampler_cfg_function(cfg_function)
+    model.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
+    return model
+
+
+def check_model_shift(model, shift: float) -> None:
+    """The schedule is the sampler's (its shift input). A ModelSampling node upstream (ModelSamplingAuraFlow,
+    ModelSamplingSD3) sets the model's own shift, which KSampler would use: a different value is an error, not
+    silently overruled."""
+    if "model_sampling" not in getattr(model, "object_patches", {}):
+        return
+    model_shift = getattr(model.get_model_object("model_sampling"), "shift", None)
+    if model_shift is not None and not math.isclose(float(model_shift), shift, rel_tol=1e-6):
+        raise ValueError(f"shift is {shift}, but a ModelSampling node upstream (e.g. ModelSamplingAuraFlow) set the "
+                         f"model's shift to {float(model_shift):g}: set the sampler's shift to {float(model_shift):g}, "
+                         f"or remove that node")
+
+
 def progress(steps: int):
     """core's sample_custom callback: the progress bar, and the Stop button checked after every step."""
     bar = comfy.utils.ProgressBar(steps)
@@ -74,8 +168,9 @@ def progress(steps: int):
 
 
 class ZImageTurboSampler:
-    DESCRIPTION = ("Samples Z-Image-Turbo with its distilled schedule: shifted flow matching, Euler, 8 steps, "
-                   "cfg 1 (one pass per step). Same seed, same noise as core KSampler.")
+    DESCRIPTION = ("Samples Z-Image (Turbo or Base) with its schedule: shifted flow matching, Euler. Turbo: 8 steps, "
+                   "cfg 1 (one pass per step). Base: 50 steps, cfg 4 with a negative (both passes batched), with "
+                   "diffusers' cfg_normalization and cfg_truncation. Same seed, same noise as core KSampler.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "run"
@@ -93,29 +188,58 @@ class ZImageTurboSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "The same seed gives the same image, here and in core KSampler."}),
                 "steps": ("INT", {"default": d.steps, "min": d.min_steps, "max": d.max_steps,
-                                  "tooltip": "Turbo is distilled for 8; 4-8 is the useful range."}),
+                                  "tooltip": "Turbo is distilled for 8 (4-8 is the useful range); Base wants 30-50, "
+                                             "or 8 with the Fun distill LoRA."}),
                 "cfg": ("FLOAT", {"default": d.cfg, "min": 1.0, "max": 10.0, "step": 0.1,
-                                  "tooltip": "Keep 1 for Turbo (one pass per step, the negative is unused). Above 1 "
-                                             "runs the negative too, twice the time, and burns the image quickly."}),
+                                  "tooltip": "Turbo: keep 1 (one pass per step, the negative is unused). Base: 3-5 "
+                                             "with a negative (runs both, batched). diffusers' guidance_scale g is "
+                                             "cfg g + 1 here."}),
                 "shift": ("FLOAT", {"default": d.shift, "min": 0.1, "max": 20.0, "step": 0.1,
-                                    "tooltip": "Time shift of the schedule; 3 is what Turbo was trained with."}),
+                                    "tooltip": "Time shift of the schedule; 3 is what Z-Image was trained with."}),
                 "denoise": ("FLOAT", {"default": d.denoise, "min": 0.01, "max": 1.0, "step": 0.01,
                                       "tooltip": "1 for text-to-image; lower keeps more of the input latent."}),
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Only used when cfg > 1."}),
+                # appended after `negative`, optional with defaults that change nothing: saved workflows and
+                # API prompts without them run as before
+                "variant": (list(VARIANTS), {"default": "turbo",
+                                             "tooltip": "Which Z-Image the model is (the files carry no tag): on "
+                                                        "the canvas, picking one sets steps and cfg (turbo: 8 "
+                                                        "steps, cfg 1; base: 50 steps, cfg 4). Used only for "
+                                                        "those defaults and the warnings."}),
+                "cfg_normalization": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                                "tooltip": "diffusers' cfg_normalization: above 0, the guided "
+                                                           "prediction's norm is capped at this multiple of the "
+                                                           "positive's (diffusers' True is 1). 0: off. Only with "
+                                                           "cfg > 1."}),
+                "cfg_truncation": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                             "tooltip": "diffusers' cfg_truncation: steps whose normalised time "
+                                                        "(1 - sigma) is above this run without CFG (positive "
+                                                        "only, one pass). 1: CFG on every step."}),
             },
         }
 
-    def run(self, model, positive, latent_image, seed, steps, cfg, shift, denoise, negative=None):
+    def run(self, model, positive, latent_image, seed, steps, cfg, shift, denoise, negative=None, variant="turbo",
+            cfg_normalization=0.0, cfg_truncation=1.0):
         started = time.perf_counter()
         check_numbers(cfg=cfg, shift=shift, denoise=denoise)
+        for name, value in (("cfg_normalization", cfg_normalization), ("cfg_truncation", cfg_truncation)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} is {value}: send a finite number (0 and 1 turn the two options off)")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant is {variant!r}: send one of {', '.join(VARIANTS)}")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         B, width, height = check_latent(latent)
         if cfg != 1.0 and negative is None:
             raise ValueError("cfg above 1 needs a negative conditioning: connect one, or set cfg to 1")
+        warnings = variant_warnings(variant, steps, cfg, has_lora=bool(getattr(model, "patches", None)))
+        for text in warnings:
+            log.warning("Z-Image sampler: %s", text)
+        check_model_shift(model, shift)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = sigma_schedule(steps, shift, denoise)
+        model = with_guidance(model, cfg, cfg_normalization, cfg_truncation)
         # at cfg 1 core never evaluates the negative (its cfg-1 shortcut); an empty list stands for it
         samples = guard.run_guarded(
             "sampling", guard.sampler_remedy(width, height, B), comfy.sample.sample_custom,
@@ -124,6 +248,8 @@ class ZImageTurboSampler:
             callback=progress(steps), disable_pbar=True, seed=seed)
         # what the canvas shows with the result and the save node writes into PNGs: the values actually used
         info = {"seed": seed, "steps": steps, "cfg": cfg, "shift": shift, "denoise": denoise, "batch": B,
+                "variant": variant, "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation,
+                "warnings": warnings,
                 "width": width, "height": height,
                 "seconds": round(time.perf_counter() - started, 3),
                 "compiled": speed.ran_compiled(model)}

@@ -112,7 +112,7 @@ def test_sampler_oom_then_the_next_run_succeeds(pack, parts, released, error):
     latent = {"samples": torch.zeros(2, 16, 8, 12)}
     args = dict(model=model, positive=conditioning(), latent_image=latent, seed=1, steps=2, cfg=1.0, shift=3.0,
                 denoise=1.0)
-    fail_once(model.model.diffusion_model, "raw", error)
+    fail_once(model.model.diffusion_model, "forward", error)      # the DiT core calls each step
     with pytest.raises(torch.cuda.OutOfMemoryError) as info:
         sampler.run(**args)
     assert "out of memory while sampling" in str(info.value) and "96x64" in str(info.value), str(info.value)
