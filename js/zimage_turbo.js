@@ -1,5 +1,6 @@
-// Z-Image Turbo canvas extension: size presets on empty-latent nodes, a cfg warning on the turbo sampler, and
-// the seed / steps / time of each run drawn next to the sampler and save nodes.
+// Z-Image canvas extension: size presets on empty-latent nodes; on the sampler, the variant preset (turbo / base
+// set steps and cfg), which preset applies, and warnings for settings that give a bad image; the seed / steps /
+// time of each run drawn next to the sampler and save nodes.
 //
 // Written against ComfyUI's long-standing extension surface only (app.registerExtension, node prototypes'
 // onDrawForeground / onConfigure, widgets, api "executed" events), and every optional piece is guarded, so a
@@ -14,6 +15,26 @@ const EMPTY_LATENTS = new Set(["EmptyLatentImage", "EmptySD3LatentImage"]);
 const PRESET_WIDGET = "Z-Image size";
 const CUSTOM = "custom";
 export const CFG_HINT = "Turbo is distilled for cfg 1: above 1 doubles time and burns the image";
+export const BASE_STEPS_HINT = "Base needs 30-50 steps, or the Fun distill LoRA for 8";
+
+// Same table as nodes/sampling.py (VARIANTS): what picking a variant writes into steps and cfg.
+export const VARIANTS = { turbo: { steps: 8, cfg: 1, label: "Turbo" }, base: { steps: 50, cfg: 4, label: "Base" } };
+
+// The warnings nodes/sampling.py (variant_warnings) gives after a run, here while the values are edited.
+export function variantWarnings(variant, steps, cfg, hasLora) {
+    const found = [];
+    if ((variant ?? "turbo") === "turbo" && cfg > 1) found.push(`cfg ${cfg}: ${CFG_HINT}`);
+    if (variant === "base" && steps <= 8 && !hasLora) found.push(`${steps} steps: ${BASE_STEPS_HINT}`);
+    return found;
+}
+
+// "Base preset: 50 steps · cfg 4", with "(edited)" when steps or cfg differ from it.
+export function variantNote(variant, steps, cfg) {
+    const preset = VARIANTS[variant ?? "turbo"];
+    if (!preset) return "";
+    const edited = steps !== preset.steps || cfg !== preset.cfg ? " (edited)" : "";
+    return `${preset.label} preset: ${preset.steps} steps · cfg ${preset.cfg}${edited}`;
+}
 
 // Same table and rounding as nodes/image.py (ASPECTS, BASES, preset_size): about base² pixels, sides ÷16.
 const ASPECTS = [["1:1", 1, 1], ["4:3", 4, 3], ["3:4", 3, 4], ["3:2", 3, 2], ["2:3", 2, 3], ["16:9", 16, 9],
@@ -109,6 +130,44 @@ function followPresets(node) {
     }
 }
 
+// ---- (b) the sampler's variant preset -----------------------------------------------------------------
+
+// A LoRA anywhere up the sampler's MODEL chain is taken for the Fun distill LoRA (a file carries no tag; the
+// server does the same with the model's weight patches).
+export function modelHasLora(node, seen = new Set()) {
+    if (!node || seen.has(node.id) || seen.size > 64) return false;
+    seen.add(node.id);
+    for (let i = 0; i < (node.inputs?.length ?? 0); i++) {
+        if (node.inputs[i]?.type !== "MODEL") continue;
+        const up = node.getInputNode?.(i);
+        if (!up) continue;
+        if (/lora/i.test(String(up.comfyClass ?? up.type ?? ""))) return true;
+        if (modelHasLora(up, seen)) return true;
+    }
+    return false;
+}
+
+export function applyVariant(node, variant) {
+    const preset = VARIANTS[variant];
+    if (!preset) return false;
+    setWidget(node, "steps", preset.steps);
+    setWidget(node, "cfg", preset.cfg);
+    redraw(node);
+    return true;
+}
+
+// Only a user's change of the combo applies the preset: loading a workflow keeps its steps and cfg.
+function followVariant(node) {
+    const w = widget(node, "variant");
+    if (!w) return;
+    const original = w.callback;
+    w.callback = function (value, ...rest) {
+        const result = original?.apply(this, [value, ...rest]);
+        applyVariant(node, value);
+        return result;
+    };
+}
+
 // ---- drawing helpers -----------------------------------------------------------------------------------
 
 function drawTag(ctx, text, x, y, colors) {
@@ -137,10 +196,10 @@ function titleHeight() {
 }
 
 function state(node) {
-    return (node.zimage ??= { cfgHint: false, status: "", sizeText: "" });
+    return (node.zimage ??= { cfgHint: false, warnings: [], variantNote: "", status: "", sizeText: "" });
 }
 
-// ---- (b) cfg hint, (c) run info: formatting ------------------------------------------------------------
+// ---- (c) run info: formatting ------------------------------------------------------------
 
 export function formatRun(info) {
     if (!info) return "";
@@ -214,10 +273,20 @@ app.registerExtension({
         if (name === SAMPLER) {
             chain(proto, "onDrawForeground", function (ctx) {
                 const cfg = Number(widget(this, "cfg")?.value);
+                const steps = Number(widget(this, "steps")?.value);
+                const variant = widget(this, "variant")?.value ?? "turbo";
                 const s = state(this);
-                s.cfgHint = cfg > 1;
-                if (s.cfgHint && !this.flags?.collapsed) {
-                    drawTag(ctx, `⚠ cfg ${cfg}: ${CFG_HINT}`, 0, -titleHeight() - 26, WARN);
+                s.warnings = variantWarnings(variant, steps, cfg, modelHasLora(this));
+                s.cfgHint = s.warnings.some((w) => w.includes(CFG_HINT));
+                s.variantNote = variantNote(variant, steps, cfg);
+                if (!this.flags?.collapsed) {
+                    // warnings stacked upwards from just above the title, the preset note above them
+                    let y = -titleHeight() - 26;
+                    for (const text of s.warnings) {
+                        drawTag(ctx, `⚠ ${text}`, 0, y, WARN);
+                        y -= 24;
+                    }
+                    if (s.variantNote) drawTag(ctx, s.variantNote, 0, y, NOTE);
                 }
                 drawRunInfo(this, ctx);
             });
@@ -244,5 +313,6 @@ app.registerExtension({
     nodeCreated(node) {
         if (EMPTY_LATENTS.has(node?.comfyClass)) addPresetCombo(node);
         if (node?.comfyClass === SIZE) followPresets(node);
+        if (node?.comfyClass === SAMPLER) followVariant(node);
     },
 });
