@@ -110,10 +110,10 @@ class HardeningFault:
 
     def arm(self, model, vae, fault):
         if fault == "oom_sampling":
-            _fail_once(model.model.diffusion_model, "raw",
+            _fail_once(model.model.diffusion_model, "forward",
                        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB (injected)"))
         elif fault == "error_sampling":
-            _fail_once(model.model.diffusion_model, "raw", RuntimeError("injected fault inside the DiT"))
+            _fail_once(model.model.diffusion_model, "forward", RuntimeError("injected fault inside the DiT"))
         else:
             _fail_once(vae.first_stage_model, "decode", RuntimeError("XPU out of memory (injected)"))
         return (model, vae)

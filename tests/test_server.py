@@ -16,7 +16,7 @@ from ui_workflows import to_api  # noqa: E402
 
 PACK_NODES = ["ZImageTurboLoader", "ZImageTurboCheckpointLoader", "ZImageTurboDiffusersLoader",
               "ZImageTurboSampler", "ZImageTurboVAEDecode", "ZImageTurboVAEEncode", "ZImageTurboSize",
-              "ZImageTurboSaveImage"]
+              "ZImageTurboSaveImage", "ZImageLoraLoader", "ZImageFunControlnetScheduled"]
 WORKFLOWS = sorted(p.name for p in (REPO / "workflows").glob("*_api.json"))
 
 
@@ -398,3 +398,57 @@ def test_img2img_png_matches_diffusers(server, diffusers_pipe):
     t2i["3"] = LOADERS["split"]
     assert np.abs(saved - pixels(server.output_files(server.run(t2i))[0])).max() > 10, "the image did not count"
     assert diff.max() <= 2
+
+
+# ---- the pack's sampler takes what KSampler takes --------------------------------------------------------------
+
+def masked_source(server) -> str:
+    """An RGBA image whose transparent left half is LoadImage's mask (mask = 1 - alpha)."""
+    g = np.random.default_rng(4)
+    rgba = np.concatenate([g.integers(0, 256, (64, 64, 3)), np.full((64, 64, 1), 255)], axis=-1).astype(np.uint8)
+    rgba[:, :32, 3] = 0
+    (server.base / "input").mkdir(exist_ok=True)
+    Image.fromarray(rgba, "RGBA").save(server.base / "input" / "masked_source.png")
+    return "masked_source.png"
+
+
+@pytest.mark.parametrize("case", ["noise_mask", "differential_diffusion", "batch_index"])
+def test_the_sampler_takes_what_ksampler_takes(server, case):
+    """Upstream core nodes act on the pack's sampler as on KSampler (euler, simple, ModelSamplingAuraFlow 3):
+    a noise mask (SetLatentNoiseMask), a model patch with it (DifferentialDiffusion), a latent picked from a batch
+    (LatentFromBatch: its batch_index decides the noise)."""
+    wf = with_core_ksampler(turbo_job("a garden", 64, seed=8), ["3", 0], seed=8, prefix=f"ks_{case}")
+    if case == "batch_index":
+        wf["5"]["inputs"]["batch_size"] = 3
+        wf["30"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["5", 0], "batch_index": 2, "length": 1}}
+    else:
+        wf["31"] = {"class_type": "LoadImage", "inputs": {"image": masked_source(server)}}
+        wf["32"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["31", 0], "vae": ["3", 2]}}
+        wf["30"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["32", 0], "mask": ["31", 1]}}
+    wf["10"]["inputs"]["latent_image"] = wf["21"]["inputs"]["latent_image"] = ["30", 0]
+    if case == "differential_diffusion":
+        wf["33"] = {"class_type": "DifferentialDiffusion", "inputs": {"model": ["3", 0]}}
+        wf["10"]["inputs"]["model"] = wf["20"]["inputs"]["model"] = ["33", 0]
+    entry = server.run(wf)
+    pack = pixels(server.output_files({"outputs": {"11": entry["outputs"]["11"]}})[0])
+    core = pixels(server.output_files({"outputs": {"23": entry["outputs"]["23"]}})[0])
+    plain = pixels(server.output_files(server.run(turbo_job("a garden", 64, seed=8)))[0])
+    print(f"{server.version} {case}: pack sampler vs KSampler {np.abs(pack - core).max()}/255, "
+          f"vs without it {np.abs(pack - plain).max()}/255")
+    assert np.abs(pack - core).max() <= 1
+    assert np.abs(pack - plain).max() > 10, f"{case} changed nothing"
+    if case == "noise_mask":                      # the kept (opaque) right half stays near the source image
+        source = np.asarray(Image.open(server.base / "input" / "masked_source.png"))[..., :3].astype(np.int16)
+        assert np.abs(pack[:, 40:] - source[:, 40:]).mean() < np.abs(pack[:, :24] - source[:, :24]).mean()
+
+
+def test_a_model_shift_other_than_the_sampler_s_is_an_error(server):
+    wf = turbo_job("x", 64)
+    wf["20"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["3", 0], "shift": 5.0}}
+    wf["10"]["inputs"]["model"] = ["20", 0]
+    status, body = server.post_prompt(wf)
+    entry = server.wait(body["prompt_id"], timeout=60)
+    error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
+    assert error["node_type"] == "ZImageTurboSampler" and "ModelSamplingAuraFlow" in error["exception_message"]
+    wf["20"]["inputs"]["shift"] = 3.0                                    # the same shift: accepted
+    assert server.run(wf)["status"]["status_str"] == "success"
