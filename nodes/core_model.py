@@ -10,6 +10,7 @@ weights cast tensor by tensor, and `cached_patcher_init`, the factory ComfyUI ca
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -56,65 +57,80 @@ def unet_config(cfg: DiTConfig) -> dict:
                 time_scale=cfg.t_scale, pad_tokens_multiple=cfg.seq_multiple)
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How the model holds and computes its weights."""
+    compute: torch.dtype            # activations, and every weight but the block Linears'
+    blocks: torch.dtype             # the block attention and FFN weights (fp8 or fp16 narrower than compute)
+    fp8_matmul: bool = False
+
+    @property
+    def pack_ops(self) -> bool:
+        """Narrower block weights need the pack's operations (core's manual cast, plus the two products)."""
+        return self.blocks != self.compute
+
+    @classmethod
+    def choose(cls, weight_dtype: str, fp8_file: bool) -> "Precision":
+        if weight_dtype == "auto" and fp8_file:
+            # an fp8 file's blocks stay fp8 (as core's loader keeps them): users pick one to fit a smaller card
+            weight_dtype = FP8_NAME
+        dtypes = choose_dtypes(mm.get_torch_device(), weight_dtype)
+        if dtypes.dit == torch.float16:          # the fp16 guard: fp16 weights, fp32 everything else
+            return cls(torch.float32, torch.float16)
+        return cls(dtypes.dit, FP8 if dtypes.dit_fp8 else dtypes.dit, dtypes.dit_fp8_matmul)
+
+
 def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: bool = False):
     """core's Z-Image MODEL (a ModelPatcher) for a DiT file, all-in-one file or diffusers folder."""
     meta_dit, report, read = prepare_dit(source)            # layout, config, strict key/shape check
-    cfg: DiTConfig = report.config
-    dtypes = choose_dtypes(mm.get_torch_device(), weight_dtype)
-    # the block weights of an fp8 file stay fp8 under 'auto' (as core's loader keeps them): users pick an fp8
-    # file to fit a smaller card, and widening it would double its memory
-    block_linear_weights = {f"{name}.weight" for _, _, name, _ in block_linears(meta_dit)}
-    fp8_file = all(report.block_dtypes.get(k) in FP8_DTYPES for k in block_linear_weights)
-    if weight_dtype == "auto" and fp8_file:
-        dtypes = choose_dtypes(mm.get_torch_device(), FP8_NAME)
-    compute = dtypes.dit
-    fp16_guard = compute == torch.float16
-    if fp16_guard:                     # weights in fp16, everything else in fp32 (pack_ops.fp16_guarded_linear)
-        compute = torch.float32
-    custom_ops = dtypes.dit_fp8 or fp16_guard
-
-    mc = comfy.supported_models.ZImage(unet_config(cfg))
-    mc.memory_usage_factor = MEMORY_USAGE_FACTOR
-    load_device = mm.get_torch_device()
-    manual_cast = None if custom_ops else mm.unet_manual_cast(compute, load_device, mc.supported_inference_dtypes)
-    mc.set_inference_dtype(compute, manual_cast)
-    if custom_ops:
-        mc.custom_operations = pack_ops.PackOps
-    model = mc.get_model({}, "", device=torch.device("meta"))   # nothing allocated: the file's tensors go in
-    model.device = None
+    blocks = {f"{name}.weight" for _, _, name, _ in block_linears(meta_dit)}
+    precision = Precision.choose(weight_dtype, all(report.block_dtypes.get(k) in FP8_DTYPES for k in blocks))
+    model = build_core_model(report.config, precision)
     dit = model.diffusion_model
-    _size_timestep_embedder(dit, cfg, compute, mc.custom_operations)
-
-    def storage(key: str) -> torch.dtype:
-        if key in block_linear_weights:
-            if dtypes.dit_fp8:
-                return FP8
-            if fp16_guard:
-                return torch.float16
-        return compute
-
     wanted = {k: v for k, v in expected_tensors(dit).items() if k not in UNUSED_CORE_KEYS}
     sd = {}
     for key in meta_dit.state_dict():
+        dtype = precision.blocks if key in blocks else precision.compute
         t = read(key)
-        sd[key] = t if t.dtype == storage(key) else t.to(storage(key))   # same dtype: the mapped tensor itself
+        sd[key] = t if t.dtype == dtype else t.to(dtype)     # same dtype: the mapped tensor itself, no copy
     _check_against_core(wanted, sd, report.file)
     dit.load_state_dict(sd, strict=False, assign=True)
     del sd
     _materialise_unused(dit)
-    if dtypes.dit_fp8_matmul:
+    if precision.fp8_matmul:
         pack_ops.fp8_matmul_linears(dit)
     if hasattr(mm, "archive_model_dtypes"):                     # 0.30.0+: dynamic VRAM reads the stored dtypes
         mm.archive_model_dtypes(dit)
-
-    patcher_cls = comfy.model_patcher.ModelPatcher if disable_dynamic else \
-        getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-    patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    patcher = _patcher(model, disable_dynamic)
     # ComfyUI 0.30.0+ asks this for a non-dynamic copy (core's compile node, hooks, multi-GPU)
     patcher.cached_patcher_init = (load_model, (str(source), weight_dtype))
-    log.info("Z-Image: loaded %s as ComfyUI's Z-Image model (%s%s)", report, compute,
-             ", fp8 blocks" if dtypes.dit_fp8 else ", fp16 weights, fp32 compute" if fp16_guard else "")
+    log.info("Z-Image: loaded %s as ComfyUI's Z-Image model (compute %s, blocks %s)", report, precision.compute,
+             precision.blocks)
     return patcher
+
+
+def build_core_model(cfg: DiTConfig, precision: Precision):
+    """core's Lumina2 BaseModel with its NextDiT, on the meta device: nothing allocated, the file's tensors go in."""
+    mc = comfy.supported_models.ZImage(unet_config(cfg))
+    mc.memory_usage_factor = MEMORY_USAGE_FACTOR
+    if precision.pack_ops:
+        mc.set_inference_dtype(precision.compute, None)
+        mc.custom_operations = pack_ops.PackOps
+    else:
+        load_device = mm.get_torch_device()
+        mc.set_inference_dtype(precision.compute,
+                               mm.unet_manual_cast(precision.compute, load_device, mc.supported_inference_dtypes))
+    model = mc.get_model({}, "", device=torch.device("meta"))
+    model.device = None                      # BaseModel keeps the device it was built on; meta is not one to use
+    _size_timestep_embedder(model.diffusion_model, cfg, precision.compute, mc.custom_operations)
+    return model
+
+
+def _patcher(model, disable_dynamic: bool):
+    """0.30.0's CoreModelPatcher (dynamic VRAM where ComfyUI turned it on) unless a non-dynamic copy is asked."""
+    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else \
+        getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return cls(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def expected_tensors(module: torch.nn.Module) -> dict[str, tuple]:
