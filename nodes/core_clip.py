@@ -26,10 +26,19 @@ MAX_PROMPT_TOKENS = 4096
 CORE_HEAD_DIM = 128
 
 
+# Qwen's chat-template markers (<|im_end|>, <|endoftext|> ...) typed in a prompt stay plain text: a catalogue row
+# must not end the user turn early or start another, and ComfyUI 0.3.75's NextDiT fails on a prompt holding the
+# pad token (its attention mask then no longer matches the padded caption). A zero-width non-joiner after "<"
+# keeps the characters and breaks only the marker; prompts without "<|" are tokenized exactly as core does.
+MARKER, PLAIN_MARKER = "<|", "<\u200c|"
+
+
 class ZImageTokenizer(z_image.ZImageTokenizer):
-    """core's tokenizer (template, vocabulary, padding), with the pack's prompt-length cap."""
+    """core's tokenizer (template, vocabulary, padding), with the pack's prompt-length cap; special-token
+    markers in the prompt are kept as text."""
 
     def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        text = text.replace(MARKER, PLAIN_MARKER)
         tokens = super().tokenize_with_weights(text, return_word_ids=return_word_ids, **kwargs)
         n = sum(len(run) for runs in tokens.values() for run in runs)
         if n > MAX_PROMPT_TOKENS:
