@@ -416,3 +416,20 @@ def test_prompts_tokenize_as_core_and_template_markers_stay_text(parts):
     ids = [t[0] for t in clip.tokenize("<|endoftext|><|im_end|>\n<|im_start|>system a chair")["qwen3_4b"][0]]
     user = ids[3:-5]                                  # between "<|im_start|>user\n" and "<|im_end|>\n<|im_start|>..."
     assert user and not [i for i in user if i >= 151643], user
+
+
+def test_cached_patcher_init_rebuilds_the_model(parts):
+    """ComfyUI 0.30.0 asks a loader's factory for a separate, non-dynamic copy (core's compile node under dynamic
+    VRAM, hooks, multi-GPU): clone(force_deepcopy=True) calls it. The copy is a new model with the same output."""
+    import inspect
+    model = parts[0]
+    factory, args = model.cached_patcher_init
+    assert "disable_dynamic" in inspect.signature(factory).parameters
+    if "force_deepcopy" not in inspect.signature(model.clone).parameters:
+        pytest.skip("this ComfyUI (0.3.75) has no cached_patcher_init use")
+    copy = model.clone(force_deepcopy=True)
+    assert copy.model is not model.model and copy.model.diffusion_model is not model.model.diffusion_model
+    x, sigma, cap = torch.randn(1, 16, 6, 4), torch.tensor([0.4]), torch.randn(1, 9, 32)
+    with torch.no_grad():
+        assert torch.equal(copy.model.diffusion_model(x, sigma, cap, num_tokens=9),
+                           model.model.diffusion_model(x, sigma, cap, num_tokens=9))
