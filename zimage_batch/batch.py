@@ -52,17 +52,8 @@ class Batch:
     def run(self) -> list[dict]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        pending = deque()
-        for job in self.jobs:
-            workflow, values = self.template.apply(job)
-            values["workflow_hash"] = digest(workflow)
-            if values["workflow_hash"] in self.skip:
-                self.skipped += 1
-                self.say(f"{job.where}: done in an earlier run (same workflow, files still there); skipped")
-            else:
-                pending.append((job, workflow, values))
-        self.bar = tqdm(total=sum(job.count for job, _, _ in pending), unit="img", desc="zimage-batch",
-                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        pending = pending_jobs(self)
+        self.bar = progress_bar(pending, self.progress)
         try:
             # the socket opens first: messages for a prompt go only to sockets already open for this client_id
             self.client.connect(QUIET)
@@ -247,6 +238,26 @@ def digest(workflow: dict) -> str:
     """What a job sent, in 16 hex digits: the same row on the same template gives the same digest."""
     text = json.dumps(workflow, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def pending_jobs(batch) -> deque:
+    """(job, workflow, values) for each job of `batch` (jobs, template, skip, say) not done in an earlier run,
+    counting and saying the ones skipped (`--resume`): the same for the direct and the queued client."""
+    pending = deque()
+    for job in batch.jobs:
+        workflow, values = batch.template.apply(job)
+        values["workflow_hash"] = digest(workflow)
+        if values["workflow_hash"] in batch.skip:
+            batch.skipped += 1
+            batch.say(f"{job.where}: done in an earlier run (same workflow, files still there); skipped")
+        else:
+            pending.append((job, workflow, values))
+    return pending
+
+
+def progress_bar(pending, enabled: bool) -> tqdm:
+    return tqdm(total=sum(job.count for job, _, _ in pending), unit="img", desc="zimage-batch",
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 def done_in_log(path: Path) -> set[str]:

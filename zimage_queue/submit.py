@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zimage_batch.batch import digest
+from zimage_batch.batch import digest, pending_jobs, progress_bar
 from zimage_batch.client import Backoff
 from zimage_batch.jobs import Job
 from zimage_batch.workflow import Template
@@ -69,17 +69,8 @@ class QueueBatch:
         place = self.place()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        pending = deque()
-        for job in self.jobs:
-            workflow, values = self.template.apply(job)
-            values["workflow_hash"] = digest(workflow)
-            if values["workflow_hash"] in self.skip:
-                self.skipped += 1
-                self.say(f"{job.where}: done in an earlier run (same workflow, files still there); skipped")
-            else:
-                pending.append((job, workflow, values))
-        self.bar = tqdm(total=sum(job.count for job, _, _ in pending), unit="img", desc="zimage-batch",
-                        disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        pending = pending_jobs(self)
+        self.bar = progress_bar(pending, self.progress)
         try:
             with self.app.producer_or_acquire() as producer:
                 while pending:
