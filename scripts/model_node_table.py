@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -230,10 +231,25 @@ def clean(message: str) -> str:
     return message[:400]
 
 
-def run_branches(server: ComfyServer, branches: dict[str, dict], timeout: float = 3600) -> dict[str, dict]:
+def wait_patiently(server: ComfyServer, prompt_id: str, timeout: float) -> dict:
+    """server.wait, riding out /history requests that time out while the server is busy (a 4 GB ModelSave, a
+    starved event loop on a loaded machine): only the deadline or a dead server ends the wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return server.wait(prompt_id, timeout=max(1.0, deadline - time.monotonic()))
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
+            if not server.alive() or time.monotonic() >= deadline:
+                raise
+            time.sleep(2)
+
+
+def run_branches(server: ComfyServer, branches: dict[str, dict], timeout: float = 3600,
+                 store: "Store | None" = None) -> dict[str, dict]:
     """Post every branch in one prompt; a branch that fails validation or execution is recorded and the prompt is
     posted again without it (what ran is cached, so only the rest runs). Returns key -> {"error": text} or
-    {"files": [paths]}."""
+    {"files": [paths]}. With a `store`, each branch's result is kept there as soon as it is known, so a run
+    that dies can be resumed without redoing it."""
     common = common_nodes(server)
     results: dict[str, dict] = {}
     pending = dict(branches)
@@ -258,7 +274,14 @@ def run_branches(server: ComfyServer, branches: dict[str, dict], timeout: float 
             if not node_errors:
                 raise RuntimeError(f"/prompt answered {status}: {json.dumps(body)[:2000]}")
             continue                     # every output was invalid: all recorded, post the rest (if any)
-        entry = server.wait(body["prompt_id"], timeout=max(60.0, deadline - time.monotonic()))
+        entry = wait_patiently(server, body["prompt_id"], timeout=max(60.0, deadline - time.monotonic()))
+        for key in list(pending):        # what finished before the prompt stopped
+            pngs = sorted(str(p) for p in server.output.glob(f"{key}_*.png"))
+            if pngs:
+                results[key] = {"files": pngs}
+                pending.pop(key)
+        if store:
+            store.keep(results)
         if entry["status"]["status_str"] == "success":
             break
         failed = next((data for kind, data in entry["status"]["messages"] if kind == "execution_error"), None)
@@ -271,7 +294,41 @@ def run_branches(server: ComfyServer, branches: dict[str, dict], timeout: float 
     for key in branches:
         if key not in results:
             results[key] = {"files": sorted(str(p) for p in server.output.glob(f"{key}_*"))}
+    if store:
+        store.keep(results)
     return results
+
+
+class Store:
+    """Finished branches of one version's survey, kept under .runtime/cache (PNGs copied, errors as text), named
+    by node and side, for one set of settings; output nodes' big files are not kept (those rerun)."""
+
+    def __init__(self, version: str, names: dict[str, str], root: Path = FIXTURES):
+        self.dir = root / f"results-{version}-{SIZE}px-{STEPS}step-cfg{CFG:g}-seed{SEED}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.names = names               # branch key -> "node|side"
+        self.index = self.dir / "results.json"
+        self.saved = json.loads(self.index.read_text()) if self.index.exists() else {}
+
+    def known(self, key: str) -> dict | None:
+        return self.saved.get(self.names[key])
+
+    def keep(self, results: dict[str, dict]) -> None:
+        for key, result in results.items():
+            name = self.names[key]
+            if name in self.saved:
+                continue
+            if "files" in result:
+                if not all(f.endswith(".png") for f in result["files"]) or not result["files"]:
+                    continue
+                kept = []
+                for i, f in enumerate(result["files"]):
+                    dst = self.dir / f"{name.replace('|', '__').replace(' ', '_')}_{i}.png"
+                    shutil.copyfile(f, dst)
+                    kept.append(str(dst))
+                result = {"files": kept}
+            self.saved[name] = result
+        self.index.write_text(json.dumps(self.saved, indent=1))
 
 
 def load_png(path: str) -> np.ndarray:
@@ -349,8 +406,10 @@ def model_nodes(info: dict) -> dict[str, dict]:
     return out
 
 
-def survey(server: ComfyServer, only: list[str] | None = None) -> list[dict]:
-    """One row per core MODEL node (those in `only`, when given): its result on this server."""
+def survey(server: ComfyServer, only: list[str] | None = None, resume: bool = False) -> list[dict]:
+    """One row per core MODEL node (those in `only`, when given): its result on this server. With `resume`,
+    branches a previous run of the same settings finished are taken from its store instead of run again (only
+    for the docs run after a crash: a stored result says nothing about the pack's code since)."""
     nodes = model_nodes(server.object_info())
     if only:
         missing = set(only) - set(nodes)
@@ -379,7 +438,12 @@ def survey(server: ComfyServer, only: list[str] | None = None) -> list[dict]:
     started = time.monotonic()
     print(f"ComfyUI {server.version}: {len(rows)} MODEL nodes, {len(keys)} run on both models "
           f"({len(branches)} branches in one prompt)", flush=True)
-    results = run_branches(server, branches)
+    store = Store(server.version, {**{f"base_{side}": f"(bare model)|{side}" for side in SIDES},
+                                   **{k[side]: f"{name}|{side}" for name, k in keys.items() for side in SIDES}})
+    results = {key: store.known(key) for key in branches if resume and store.known(key)}
+    if results:
+        print(f"  {len(results)} branches already done (kept in {store.dir})", flush=True)
+    results.update(run_branches(server, {k: b for k, b in branches.items() if k not in results}, store=store))
     for side in SIDES:
         if "error" in results[f"base_{side}"]:
             raise RuntimeError(f"the bare {side} model did not sample: {results[f'base_{side}']['error']}")
@@ -397,14 +461,15 @@ def survey(server: ComfyServer, only: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def survey_version(version: str, only: list[str] | None = None, fixtures: Path | None = None) -> list[dict]:
+def survey_version(version: str, only: list[str] | None = None, fixtures: Path | None = None,
+                   resume: bool = False) -> list[dict]:
     fixtures = fixture_files() if fixtures is None else fixtures
     with tempfile.TemporaryDirectory(prefix=f"model-nodes-{version}-") as tmp:
         base = Path(tmp)
         prepare_base(base, fixtures)
         with ComfyServer(version, base) as server:
             try:
-                return survey(server, only)
+                return survey(server, only, resume)
             finally:
                 if KEEP_LOG:
                     shutil.copyfile(server.log_path, KEEP_LOG / f"server-{version}.log")
@@ -462,13 +527,15 @@ def main(argv=None) -> int:
     parser.add_argument("--versions", nargs="+", default=list(VERSIONS))
     parser.add_argument("--nodes", nargs="+", help="only these nodes (a quick look; the docs need all)")
     parser.add_argument("--out", default=str(REPO / "docs" / "model_nodes.md"))
+    parser.add_argument("--resume", action="store_true",
+                        help="take branches a crashed run of the same settings finished from its store")
     parser.add_argument("--keep-log", help="a folder to copy each server's log into")
     args = parser.parse_args(argv)
     global KEEP_LOG
     KEEP_LOG = Path(args.keep_log) if args.keep_log else None
     started = time.monotonic()
     fixtures = fixture_files()
-    by_version = {v: survey_version(v, args.nodes, fixtures) for v in args.versions}
+    by_version = {v: survey_version(v, args.nodes, fixtures, args.resume) for v in args.versions}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_table(by_version, out, out.with_suffix(".json"))
