@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import keys as K
 from .config import TINY, TURBO, DiTConfig
 from .dit import ZImageDiT
-from .text_encoder import Qwen3Config, Qwen3Encoder
+from .text_encoder import QWEN3_4B, Qwen3Config, Qwen3Encoder
 from .vae import AutoEncoder, VAEConfig
 
 # Tiny parts that fit together: the DiT's caption width is the text encoder's hidden size; the VAE
@@ -107,12 +107,24 @@ SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32
 def write_dit_file(path: str | Path, cfg: DiTConfig = TURBO, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                    std: float = 0.02) -> Path:
     """A DiT file in ComfyUI's split layout (z_image_turbo_bf16.safetensors' keys, shapes and order), written
-    tensor by tensor: the header first, then each tensor made and written alone, so a full-size (6.15 B
-    parameter, 12.3 GB in bf16) file costs one tensor of memory. Values as random_state_dict's. Written to a
-    temporary name and renamed when complete: a cache never holds a half-written file."""
-    path = Path(path)
+    tensor by tensor: a full-size (6.15 B parameter, 12.3 GB in bf16) file costs one tensor of memory."""
     model = _on_meta(lambda: ZImageDiT(cfg))
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return write_random_file(path, {name: tuple(t.shape) for name, t in model.state_dict().items()}, seed, dtype, std)
+
+
+def write_text_encoder_file(path: str | Path, cfg: Qwen3Config = QWEN3_4B, seed: int = 1,
+                            dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> Path:
+    """A Qwen3 text encoder file in the released qwen_3_4b layout, tensor by tensor as write_dit_file (the full
+    Qwen3-4B is 4.0 B parameters, 8 GB in bf16)."""
+    return write_random_file(path, cfg.param_shapes(), seed, dtype, std)
+
+
+def write_random_file(path: str | Path, shapes: dict[str, tuple[int, ...]], seed: int = 0,
+                      dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> Path:
+    """A safetensors file of random tensors (values as random_state_dict's), written tensor by tensor: the header
+    first, then each tensor made and written alone, so the file costs one tensor of memory however large it is.
+    Written to a temporary name and renamed when complete: a cache never holds a half-written file."""
+    path = Path(path)
     size = torch.empty((), dtype=dtype).element_size()
     header, offset = {}, 0
     for name, shape in shapes.items():
