@@ -72,14 +72,15 @@ def ensure_files(folder: Path, smoke: bool) -> dict[str, Path]:
     from zimage_core.text_encoder import QWEN3_4B
     from zimage_core.vae import VAEConfig
     dit_cfg, te_cfg = wide_configs() if smoke else (TURBO, QWEN3_4B)
+    device = "cuda" if torch.cuda.is_available() else "cpu"      # 10 B random numbers: seconds there, not minutes
     paths = {part: folder / name for part, name in NAMES.items()}
     folder.mkdir(parents=True, exist_ok=True)
     if not paths["dit"].exists():
         print(f"writing {paths['dit']} (random)", flush=True)
-        synthetic.write_dit_file(paths["dit"], dit_cfg)
+        synthetic.write_dit_file(paths["dit"], dit_cfg, device=device)
     if not paths["te"].exists():
         print(f"writing {paths['te']} (random)", flush=True)
-        synthetic.write_text_encoder_file(paths["te"], te_cfg)
+        synthetic.write_text_encoder_file(paths["te"], te_cfg, device=device)
     if not paths["vae"].exists():
         part = paths["vae"].with_name(paths["vae"].name + ".part")   # renamed when whole: a cache never half-holds
         save_file(synthetic.vae_weights(VAEConfig()), str(part))
@@ -340,6 +341,18 @@ def parse(argv=None):
     return args
 
 
+def summary(args, cuda: bool, files, rows, images) -> dict:
+    """The JSON: configuration, machine, every row, core/pack ratios and image agreement so far."""
+    agreement = [dict(dtype=d, **c) for d in args.dtypes if ("pack", d) in images and ("core", d) in images
+                 for c in compare(images[("pack", d)], images[("core", d)])]
+    return {"benchmark": "comfy_nodes", "smoke": args.smoke, "comfyui": args.comfyui, "machine": machine(cuda),
+            "config": {"sizes": args.sizes, "steps": args.steps, "batch": args.batch, "dtypes": args.dtypes,
+                       "runs": args.runs, "warmup": args.warmup, "files": {k: p.name for k, p in files.items()},
+                       "prompt": PROMPT, "seed": SEED, "shift": SHIFT},
+            "memory_kind": "CUDA peak allocated" if cuda else "RssAnon after stage",
+            "rows": rows, "core_over_pack": ratios(rows), "images": agreement}
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     cuda = torch.cuda.is_available()
@@ -348,6 +361,9 @@ def main(argv=None) -> int:
         return 0
     comfy_tree.import_comfy(args.comfyui, cpu=not cuda)
     files = ensure_files(args.files, args.smoke)
+    out = results_dir(args)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"comfy_nodes-{'cuda' if cuda else 'cpu'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
     rows, images = [], {}
     for dtype in args.dtypes:
         for name in args.sides:
@@ -356,23 +372,13 @@ def main(argv=None) -> int:
             side_rows, images[(name, dtype)] = run_side(side, files, dtype, args.sizes, args.steps, args.batch,
                                                          args.runs, args.warmup, cuda)
             rows += side_rows
-    agreement = [dict(dtype=d, **c) for d in args.dtypes if ("pack", d) in images and ("core", d) in images
-                 for c in compare(images[("pack", d)], images[("core", d)])]
-    ratio_rows = ratios(rows)
-    memory_kind = "CUDA peak allocated" if cuda else "RssAnon after stage"
-    print_table(rows, ratio_rows, memory_kind)
-    for a in agreement:
+            # after every side: a call cut short by its time limit still leaves what it measured
+            path.write_text(json.dumps(summary(args, cuda, files, rows, images), indent=2))
+    result = summary(args, cuda, files, rows, images)
+    print_table(rows, result["core_over_pack"], result["memory_kind"])
+    for a in result["images"]:
         print(f"images {a['dtype']} {a['size']}²: pack vs core max |diff| {a['max_abs_diff']}, "
               f"mean {a['mean_abs_diff']}")
-    result = {"benchmark": "comfy_nodes", "smoke": args.smoke, "comfyui": args.comfyui, "machine": machine(cuda),
-              "config": {"sizes": args.sizes, "steps": args.steps, "batch": args.batch, "dtypes": args.dtypes,
-                         "runs": args.runs, "warmup": args.warmup, "files": {k: p.name for k, p in files.items()}, "prompt": PROMPT,
-                         "seed": SEED, "shift": SHIFT},
-              "memory_kind": memory_kind, "rows": rows, "core_over_pack": ratio_rows, "images": agreement}
-    out = results_dir(args)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"comfy_nodes-{'cuda' if cuda else 'cpu'}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
     return 0
 

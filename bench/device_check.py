@@ -1,6 +1,7 @@
 """The GPU benchmark as the lent machine would run it, here: every installed distribution that machine's image
 lacks is made unimportable (optional imports then take their fallbacks), the ComfyUI tree is the bundled one,
-and bench/gpu.py runs with the arguments given (add --smoke on a CPU).
+and bench/gpu.py runs with the arguments given (add --smoke on a CPU); a first argument `comfy_nodes` runs
+bench/comfy_nodes.py instead, as bench/device_run.sh does.
 
     ZIMAGE_COMFYUI_TREE=$PWD/.device/ComfyUI-0.30.0 .runtime/venv/bin/python bench/device_check.py --smoke \\
         --sizes 64 --batches 1 --variants pack pack-plain pack-compile pack-fp8 --memory
@@ -63,9 +64,13 @@ class NotOnTheMachine(importlib.abc.MetaPathFinder):
 def main() -> None:
     finder = NotOnTheMachine()
     sys.meta_path.insert(0, finder)
-    sys.argv = ["bench/gpu.py", *sys.argv[1:]]
+    args = sys.argv[1:]
+    script = "gpu.py"
+    if args[:1] == ["comfy_nodes"]:
+        script, args = "comfy_nodes.py", args[1:]
+    sys.argv = [f"bench/{script}", *args]
     try:
-        runpy.run_path(str(Path(__file__).with_name("gpu.py")), run_name="__main__")
+        runpy.run_path(str(Path(__file__).with_name(script)), run_name="__main__")
     finally:
         print(f"imports blocked as absent on the lent machine: {sorted(finder.blocked) or 'none'}")
 

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Runs bench/gpu.py on a lent GPU machine, from the repo root, with .device/ carried (scripts/device_bundle.sh):
+# Runs a benchmark on a lent GPU machine, from the repo root, with .device/ carried (scripts/device_bundle.sh):
 # installs the carried wheels beside the machine's own torch, points the benchmark at the carried ComfyUI tree,
-# and writes the JSON and the printed log to $OUT (or bench/results/ where $OUT is unset). Arguments go to
-# gpu.py, e.g.  bash bench/device_run.sh --sizes 1024 --batches 1 --memory
+# and writes the JSON and the printed log to $OUT (or bench/results/ where $OUT is unset). A first argument
+# `comfy_nodes` runs bench/comfy_nodes.py (the loader and sampler nodes vs core's); otherwise bench/gpu.py runs.
+# The other arguments go to the script, e.g.  bash bench/device_run.sh --sizes 1024 --batches 1 --memory
+#                                             bash bench/device_run.sh comfy_nodes --sizes 768 1536
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPT=gpu
+if [ "${1:-}" = comfy_nodes ]; then SCRIPT=comfy_nodes; shift; fi
 DEVICE=${ZIMAGE_DEVICE_DIR:-.device}                # the bundle; another folder only for tests of this script
 [ -d "$DEVICE/wheels" ] || { echo "no $DEVICE/: run scripts/device_bundle.sh here and carry .device" >&2; exit 1; }
 PY=${PYTHON:-python3}
@@ -51,4 +55,4 @@ export ZIMAGE_BENCH_RESULTS=${OUT:-$PWD/bench/results}
 mkdir -p "$ZIMAGE_BENCH_RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 "$PY" -c "import torch, comfy_kitchen; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'comfy_kitchen', comfy_kitchen.__version__ if hasattr(comfy_kitchen, '__version__') else '?')"
-"$PY" bench/gpu.py "$@" 2>&1 | tee "$ZIMAGE_BENCH_RESULTS/gpu-log-$(date -u +%Y%m%d-%H%M%S).txt"
+"$PY" "bench/$SCRIPT.py" "$@" 2>&1 | tee "$ZIMAGE_BENCH_RESULTS/$SCRIPT-log-$(date -u +%Y%m%d-%H%M%S).txt"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Packs into .device/ what bench/gpu.py needs on a lent GPU machine, which has python3 with torch but no
-# ComfyUI and nothing to download from (see bench/README.md, "On a lent GPU"):
+# Packs into .device/ what bench/gpu.py and bench/comfy_nodes.py need on a lent GPU machine, which has python3
+# with torch but no ComfyUI and nothing to download from (see bench/README.md, "On a lent GPU"):
 #   .device/wheels/           the Python 3.12 x86-64 wheels of core ComfyUI's compiled dependencies
 #                             (comfy-kitchen: the fused RoPE/RMSNorm kernels core's Z-Image model uses on CUDA;
 #                             comfy-aimdo: imported by its model management), versions as ComfyUI pins them,
 #                             and of torchsde, which the pack's import needs and the image does not have
-#   .device/ComfyUI-0.30.0/   its source tree without the tokenizer vocabularies and front-end data (the
-#                             benchmark feeds token ids), small enough to travel with the repo
+#   .device/ComfyUI-0.30.0/   its source tree without the tokenizer vocabularies but Qwen's, and without the
+#                             front-end data, small enough to travel with the repo
 # Needs the runtime (scripts/setup_runtime.sh) and PyPI. .device/ is git-ignored; the device tool carries it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,12 +26,14 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$OUT/wheels" $pins
 
 # Python sources (all: tokenizer folders hold Python packages too) and the small config files beside them, not
-# the tokenizer vocabularies (tens of MB); not the API nodes, extra nodes, blueprints and tests either: the
-# benchmark imports comfy.* and the pack only.
+# the tokenizer vocabularies (tens of MB) but Qwen's (4.3 MB: bench/comfy_nodes.py tokenizes its prompt through
+# core's Z-Image CLIP, as CLIP Text Encode does); not the API nodes, extra nodes, blueprints and tests either:
+# the benchmarks import comfy.* and the pack only.
 (cd "$TREE" && find . -type d \( -name '__pycache__' -o -name 'tests*' -o -name blueprints \
     -o -name comfy_api_nodes -o -name comfy_extras \) -prune -o -type f \( -name '*.py' -o \( \
     \( \( -name '*.json' -size -64k \) -o -name '*.yaml' \) ! -path '*tokenizer*' \) \) -print) |
     while read -r f; do mkdir -p "$OUT/ComfyUI-0.30.0/$(dirname "$f")"; cp "$TREE/$f" "$OUT/ComfyUI-0.30.0/$f"; done
+cp -r "$TREE/comfy/text_encoders/qwen25_tokenizer" "$OUT/ComfyUI-0.30.0/comfy/text_encoders/"
 
 du -sh "$OUT/wheels" "$OUT/ComfyUI-0.30.0"
 total=$(du -sm "$OUT" | cut -f1)

@@ -105,25 +105,28 @@ SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32
 
 
 def write_dit_file(path: str | Path, cfg: DiTConfig = TURBO, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                   std: float = 0.02) -> Path:
+                   std: float = 0.02, device: str = "cpu") -> Path:
     """A DiT file in ComfyUI's split layout (z_image_turbo_bf16.safetensors' keys, shapes and order), written
     tensor by tensor: a full-size (6.15 B parameter, 12.3 GB in bf16) file costs one tensor of memory."""
     model = _on_meta(lambda: ZImageDiT(cfg))
-    return write_random_file(path, {name: tuple(t.shape) for name, t in model.state_dict().items()}, seed, dtype, std)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return write_random_file(path, shapes, seed, dtype, std, device)
 
 
 def write_text_encoder_file(path: str | Path, cfg: Qwen3Config = QWEN3_4B, seed: int = 1,
-                            dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> Path:
+                            dtype: torch.dtype = torch.bfloat16, std: float = 0.02, device: str = "cpu") -> Path:
     """A Qwen3 text encoder file in the released qwen_3_4b layout, tensor by tensor as write_dit_file (the full
     Qwen3-4B is 4.0 B parameters, 8 GB in bf16)."""
-    return write_random_file(path, cfg.param_shapes(), seed, dtype, std)
+    return write_random_file(path, cfg.param_shapes(), seed, dtype, std, device)
 
 
 def write_random_file(path: str | Path, shapes: dict[str, tuple[int, ...]], seed: int = 0,
-                      dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> Path:
+                      dtype: torch.dtype = torch.bfloat16, std: float = 0.02, device: str = "cpu") -> Path:
     """A safetensors file of random tensors (values as random_state_dict's), written tensor by tensor: the header
     first, then each tensor made and written alone, so the file costs one tensor of memory however large it is.
-    Written to a temporary name and renamed when complete: a cache never holds a half-written file."""
+    Written to a temporary name and renamed when complete: a cache never holds a half-written file. device
+    "cuda" draws the numbers on the GPU (other values, same distribution): one CPU core draws ~10 B numbers, the
+    full DiT and text encoder, in minutes, which a benchmark call on a lent GPU cannot spare."""
     path = Path(path)
     size = torch.empty((), dtype=dtype).element_size()
     header, offset = {}, 0
@@ -133,15 +136,15 @@ def write_random_file(path: str | Path, shapes: dict[str, tuple[int, ...]], seed
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                        # the data starts 8-byte aligned, as safetensors wants
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     with open(part, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, shape in shapes.items():
-            noise = torch.randn(shape, generator=g) * std
+            noise = torch.randn(shape, generator=g, device=device) * std
             is_norm = name.endswith("weight") and "norm" in name.rsplit(".", 2)[-2]
-            t = (1 + noise if is_norm else noise).to(dtype)
+            t = (1 + noise if is_norm else noise).to(dtype).cpu()
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())      # its bytes, no copy
             del noise, t
     part.rename(path)
