@@ -481,6 +481,10 @@ def counts(rows: list[dict]) -> dict[str, int]:
     return {result: sum(r["result"] == result for r in rows) for result in (SAME, DIFFERS, REFUSED, NA)}
 
 
+def settings() -> dict:
+    return {"size": SIZE, "steps": STEPS, "cfg": CFG, "seed": SEED, "tolerance_255": TOLERANCE}
+
+
 def write_table(by_version: dict[str, list[dict]], md: Path, js: Path) -> None:
     versions = list(by_version)
     merged: dict[str, dict] = {}
@@ -516,8 +520,7 @@ def write_table(by_version: dict[str, list[dict]], md: Path, js: Path) -> None:
         text = text.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {name} | {m['category']} | " + " | ".join(results) + f" | {text} |")
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    js.write_text(json.dumps({"settings": {"size": SIZE, "steps": STEPS, "cfg": CFG, "seed": SEED,
-                                           "tolerance_255": TOLERANCE},
+    js.write_text(json.dumps({"settings": settings(),
                               "counts": {v: counts(r) for v, r in by_version.items()},
                               "nodes": by_version}, indent=1) + "\n", encoding="utf-8")
 
@@ -535,10 +538,18 @@ def main(argv=None) -> int:
     KEEP_LOG = Path(args.keep_log) if args.keep_log else None
     started = time.monotonic()
     fixtures = fixture_files()
-    by_version = {v: survey_version(v, args.nodes, fixtures, args.resume) for v in args.versions}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_table(by_version, out, out.with_suffix(".json"))
+    # versions not surveyed in this run keep their rows from the JSON (same settings only), so each version can
+    # be run on its own; the table is written after each version, so a late failure keeps the earlier ones
+    earlier = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    by_version = {v: rows for v, rows in earlier.get("nodes", {}).items()
+                  if earlier.get("settings") == settings() and not args.nodes}
+    for v in args.versions:
+        by_version[v] = survey_version(v, args.nodes, fixtures, args.resume)
+        by_version = {k: by_version[k] for k in sorted(by_version, key=lambda k: VERSIONS.index(k)
+                                                        if k in VERSIONS else len(VERSIONS))}
+        write_table(by_version, out, out.with_suffix(".json"))
     bad = {v: [r["node"] for r in rows if r["result"] == DIFFERS] for v, rows in by_version.items()}
     for v, rows in by_version.items():
         print(f"ComfyUI {v}: {counts(rows)}")
