@@ -9,10 +9,11 @@ decode, each timed, for each weight dtype asked.
 
 Both reach the device through comfy.model_management.load_models_gpu, as in a ComfyUI server: the load stage
 ends with it (what the first queued prompt pays), and the sampler and decode call it again (a no-op when the
-weights stayed). Per dtype, pack then core: each side loads, runs --warmup untimed jobs (default 1), then --runs timed jobs, and is
-unloaded before the other loads, so each side's peak memory holds its own weights only. Stages are synchronised;
-seconds are medians. Peak memory: torch.cuda.max_memory_allocated per stage (reset before it) on CUDA; on a CPU,
-the process's anonymous memory (RssAnon) at the end of the stage. Each side's first images are compared, pack vs core.
+weights stayed). Per dtype, pack then core: each side loads, runs --warmup untimed jobs (default 1), then --runs
+timed jobs, and is unloaded before the other loads, so each side's peak memory holds its own weights only. Stages
+are synchronised; seconds are medians. Peak memory: torch.cuda.max_memory_allocated per stage (reset before it)
+on CUDA; on a CPU, the process's anonymous memory (RssAnon) at the end of the stage. Each side's first images are
+compared, pack vs core.
 
     .runtime/venv/bin/python bench/comfy_nodes.py                      # the targets: 1024², 8 steps, batch 1
     .runtime/venv/bin/python bench/comfy_nodes.py --sizes 768 1536 --batch 4
@@ -20,10 +21,10 @@ the process's anonymous memory (RssAnon) at the end of the stage. Each side's fi
 
 Weights: --files DIR holds z_image_turbo_bf16.safetensors, qwen_3_4b.safetensors and ae.safetensors (the
 released names: real weights are used as they are); missing ones are written there, random, at full size,
-tensor by tensor (20.6 GB: about a minute on a GPU machine's CPUs). --smoke writes (once, under .runtime/cache)
-the released widths with two DiT and three text encoder layers, which core's loaders still detect as Z-Image and Qwen3-4B (core tells them
-apart by width only). JSON: bench/results/comfy_nodes-<cpu|cuda>-<UTC time>.json, or --out DIR, or
-ZIMAGE_BENCH_RESULTS.
+tensor by tensor, drawn on the GPU (20.6 GB: about a minute). --smoke writes (once, under .runtime/cache) the
+released widths with two DiT and three text encoder layers, which core's loaders still detect as Z-Image and
+Qwen3-4B (core tells them apart by width only). JSON: bench/results/comfy_nodes-<cpu|cuda>-<UTC time>.json, or
+--out DIR, or ZIMAGE_BENCH_RESULTS.
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def free_all() -> None:
     import comfy.model_management as mm
     gc.collect()
     mm.unload_all_models()
-    mm.cleanup_models_gc() if hasattr(mm, "cleanup_models_gc") else None
+    if hasattr(mm, "cleanup_models_gc"):              # not in every ComfyUI version
+        mm.cleanup_models_gc()
     gc.collect()
     mm.soft_empty_cache()
 
@@ -317,7 +319,7 @@ def results_dir(args) -> Path:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", help="square image sizes in px (default 1024; smoke 64)")
-    ap.add_argument("--steps", type=int, help="sampler steps (default 8; smoke 1)")
+    ap.add_argument("--steps", type=int, help="sampler steps (default 8; smoke 2: one step would not see the shift)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, help=f"weight dtypes (default all: {' '.join(DTYPES)}; "
                                                                  f"smoke bf16)")
@@ -331,7 +333,7 @@ def parse(argv=None):
     ap.add_argument("--out", type=Path, help="where the JSON goes (default bench/results or ZIMAGE_BENCH_RESULTS)")
     ap.add_argument("--comfyui", default="0.30.0")
     args = ap.parse_args(argv)
-    defaults = ({"sizes": [64], "steps": 1, "dtypes": ["bf16"], "runs": 1, "warmup": 0} if args.smoke else
+    defaults = ({"sizes": [64], "steps": 2, "dtypes": ["bf16"], "runs": 1, "warmup": 0} if args.smoke else
                 {"sizes": [1024], "steps": 8, "dtypes": list(DTYPES), "runs": 3, "warmup": 1})
     for key, value in defaults.items():
         if getattr(args, key) is None:
