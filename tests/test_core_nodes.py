@@ -104,7 +104,8 @@ def write_musubi_pair(folder, dim: int, rank: int) -> None:
     one's delta written by hand in ComfyUI's fused form, which core's LoraLoader reads."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(6)
-    parts = {n: (torch.randn(rank, dim, generator=g) * 0.05, torch.randn(dim, rank, generator=g) * 0.05)
+    # twice the other fixtures' scale: alpha = rank / 2 halves it back, and q/k/v alone move the image less
+    parts = {n: (torch.randn(rank, dim, generator=g) * 0.1, torch.randn(dim, rank, generator=g) * 0.1)
              for n in ("to_q", "to_k", "to_v")}
     for name, prefix, alpha in (("musubi", "lora_unet_", rank / 2), ("musubi_double_underscore", "lora_unet__", None)):
         sd = {}
@@ -225,9 +226,9 @@ def test_scale_rope_acts_on_the_pack_model_as_on_core_s(server, plain):
 def test_pack_lora_loader_reads_what_core_does_not(server, plain, fmt):
     """musubi-tuner's native keys (ComfyUI issue 11487: "lora key not loaded" in core) through the pack's
     Z-Image LoRA Loader, against the same delta in ComfyUI's form through core's LoraLoader, on the same MODEL."""
-    ours = {"class_type": "ZImageLoraLoader", "inputs": {"lora_name": f"{fmt}.safetensors", "strength_model": 0.8}}
+    ours = {"class_type": "ZImageLoraLoader", "inputs": {"lora_name": f"{fmt}.safetensors", "strength_model": 1.0}}
     core = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": f"{fmt}_as_comfyui.safetensors",
-                                                           "strength_model": 0.8}}
+                                                           "strength_model": 1.0}}
     log_before = len(server.log_text())
     with_ours = image(server, job(server, "pack", [ours], f"ours_{fmt}"))
     with_core = image(server, job(server, "pack", [core], f"core_{fmt}"))
