@@ -49,6 +49,13 @@ NOT_RUN = {
     "TrainLoraNode": "trains a LoRA (backward passes through the 1.1 B model): too slow for a CPU survey",
 }
 
+# Why a difference found is what it is (the row still says DIFFERS: the table must not hide one).
+KNOWN_CAUSES = {
+    "ModelComputeDtype": "its default 'default' drops the model's manual cast: the pack's model keeps the file's "
+                         "bf16 weights (cast to fp32 per layer on a CPU), core's UNETLoader upcasts them to fp32 on "
+                         "a CPU, so the pack's now computes in bf16 and core's in fp32",
+}
+
 # Optional inputs a node cannot work without (its schema marks them optional because any one of them will do).
 OPTIONAL_USED = {"ZImageFunControlnet": ["image"]}
 
@@ -175,7 +182,9 @@ def branch(node: str, info: dict, side: str, key: str) -> dict | str:
     if node:
         inputs = {}
         optional = info["input"].get("optional", {})
-        wanted = {**info["input"].get("required", {}), **{n: optional[n] for n in OPTIONAL_USED.get(node, [])}}
+        # optional MODEL inputs too (LoraSave's model_diff): the node is in the table for taking a MODEL there
+        used = OPTIONAL_USED.get(node, []) + [n for n, spec in optional.items() if spec and spec[0] == "MODEL"]
+        wanted = {**info["input"].get("required", {}), **{n: optional[n] for n in used}}
         for name, spec in wanted.items():
             try:
                 inputs[name] = value_for(name, spec, model, extra, key)
@@ -372,6 +381,8 @@ def classify(pack: dict, core: dict, baseline: dict) -> dict:
         if pack.get("error") == core.get("error"):
             return {"result": REFUSED, "note": pack["error"]}
         return {"result": DIFFERS, "note": f"pack: {pack.get('error', 'ran')} | core: {core.get('error', 'ran')}"}
+    if not pack["files"] and not core["files"]:
+        return {"result": SAME, "note": "ran on both; wrote nothing on either"}
     dtypes: set = set()
     diff = files_differ(pack["files"], core["files"], dtypes)
     if diff is None:
@@ -455,6 +466,8 @@ def survey(server: ComfyServer, only: list[str] | None = None, resume: bool = Fa
         if row["node"] in keys:
             k = keys[row["node"]]
             row.update(classify(results[k["pack"]], results[k["core"]], base))
+            if row["result"] == DIFFERS and row["node"] in KNOWN_CAUSES:
+                row["note"] += f" (cause: {KNOWN_CAUSES[row['node']]})"
             if row["result"] == DIFFERS:
                 print(f"\n!!! {server.version} {row['node']} DIFFERS on the pack's MODEL: {row['note']}\n", flush=True)
     print(f"ComfyUI {server.version}: ran in {time.monotonic() - started:.0f} s", flush=True)
