@@ -70,7 +70,7 @@ def check_latent(samples: torch.Tensor) -> tuple[int, int, int]:
 
 # The presets the canvas applies when `variant` changes (js/zimage_turbo.js holds the same table).
 VARIANTS = {"turbo": {"steps": 8, "cfg": 1.0}, "base": {"steps": 50, "cfg": 4.0}}
-log = logging.getLogger("comfyui_zimage_turbo")
+log = logging.getLogger("ZImageTurbo")             # one logger for the pack, as the other nodes use
 
 
 def variant_warnings(variant: str, steps: int, cfg: float, has_lora: bool) -> list[str]:

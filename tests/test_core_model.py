@@ -18,6 +18,13 @@ from zimage_core.vae import VAEConfig
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test's random inputs are the same on every run: the fp8 tolerances hold for these inputs, not for
+    whatever the global generator happens to be at (measured 3.7e-2 to 5.7e-2 apart between unseeded runs)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="module")
 def loaders():
     return import_pack("nodes.loaders")
@@ -402,7 +409,7 @@ def test_an_fp8_file_stays_fp8_under_auto(tmp_path, parts, scaled):
         err = rel_err(dit(x, sigma, cap, num_tokens=9), parts[0].model.diffusion_model(x, sigma, cap, num_tokens=9))
     print(f"{'scaled ' if scaled else ''}fp8 file, auto: rel error {err[1]:.2e} against the fp32 file")
     # fp8 e4m3 has 3 mantissa bits (relative rounding up to 6%) and these random weights (std 0.05) sit near its
-    # subnormals; a scaled file is stored again without its scale, a second rounding (measured 5.0e-2 / 8.4e-2)
+    # subnormals; a scaled file is stored again without its scale, a second rounding (seeded: 5.1e-2 / 1.06e-1)
     assert 0 < err[1] <= (0.12 if scaled else 0.08)
 
 
