@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
 
 VERSIONS = ("0.30.0", "0.3.75")
-FIXTURES = REPO / ".runtime" / "cache" / "model_node_table"       # 2.2 GB, written once
+FIXTURES = REPO / ".runtime" / "cache" / "model_node_table"       # 5.3 GB, written once
 SIZE, STEPS, SEED, CFG = 64, 1, 31, 1.0    # one model pass per job: the run must fit in minutes
 KEEP_LOG: Path | None = None                                        # --keep-log: the servers' logs go here
 TOLERANCE = 1                                                       # /255, as in tests/test_core_nodes.py
@@ -67,18 +67,26 @@ SMALL = {"steps": STEPS, "width": SIZE, "height": SIZE, "batch_size": 1, "length
 # ---- fixture files ----
 
 def fixture_files(folder: Path = FIXTURES) -> Path:
-    """The wide DiT, a Fun ControlNet for it and LoRAs in each format core maps: tests/test_core_nodes.py's own
-    writers, so the survey runs on the files that test compares with. Written once, then reused."""
+    """The wide DiT, a Fun ControlNet for it and LoRAs in each format core maps, written once and shared by this
+    survey, tests/test_core_nodes.py and every other test that needs them (5.3 GB: one copy on the disk, not one
+    per test run). A lock keeps two processes from writing at once; a write cut short leaves no "complete" mark,
+    so the next caller writes again."""
+    import fcntl
     from test_core_nodes import CONTROL, WIDE, controlnet_weights, wide_config, write_loras
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "complete"
-    if not done.exists():
-        from safetensors.torch import save_file
-        from zimage_core import synthetic
-        save_file(synthetic.dit_weights(wide_config(), seed=21), str(folder / WIDE))
-        save_file(controlnet_weights(), str(folder / CONTROL))
-        write_loras(folder / "loras", wide_config().dim)
-        done.write_text("written by scripts/model_node_table.py\n")
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            from safetensors.torch import save_file
+            from zimage_core import synthetic
+            for name, weights in ((WIDE, lambda: synthetic.dit_weights(wide_config(), seed=21)),
+                                  (CONTROL, controlnet_weights)):
+                partial = folder / f"{name}.partial"
+                save_file(weights(), str(partial))
+                partial.replace(folder / name)
+            write_loras(folder / "loras", wide_config().dim)
+            done.write_text("written by scripts/model_node_table.py fixture_files\n")
     return folder
 
 

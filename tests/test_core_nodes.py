@@ -8,7 +8,6 @@ MODEL and once on core's, same seed and prompt: the saved PNGs must agree, and t
 costs (the pack's bf16 weights stay memory-mapped)."""
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
@@ -33,15 +32,19 @@ def wide_config():
 
 
 @pytest.fixture(scope="module")
-def wide_files(tmp_path_factory):
-    """The wide DiT and a Fun ControlNet (Union 1.0 layout, as core's ModelPatchLoader reads it) for it, written
-    once for both ComfyUI versions."""
-    from safetensors.torch import save_file
-    from zimage_core import synthetic
-    folder = tmp_path_factory.mktemp("wide")
-    save_file(synthetic.dit_weights(wide_config(), seed=21), str(folder / WIDE))
-    save_file(controlnet_weights(), str(folder / CONTROL))
-    return folder
+def wide_files():
+    """The wide DiT and a Fun ControlNet (Union 1.0 layout, as core's ModelPatchLoader reads it) for it: written
+    once into the runtime's cache (scripts/model_node_table.py fixture_files) and hard-linked into each server's
+    models folder, so the 5.3 GB exist once on the disk."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from model_node_table import fixture_files
+    return fixture_files()
+
+
+def link(src, dst):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from model_node_table import link as hard_link_or_copy
+    hard_link_or_copy(src, dst)
 
 
 def controlnet_weights(seed: int = 22) -> dict[str, torch.Tensor]:
@@ -68,7 +71,7 @@ def server(request, tmp_path_factory, wide_files):
     write_tiny_models(base / "models")
     for sub, name in (("diffusion_models", WIDE), ("model_patches", CONTROL)):
         (base / "models" / sub).mkdir(parents=True, exist_ok=True)
-        os.link(wide_files / name, base / "models" / sub / name)          # no copy of 2-4 GB
+        link(wide_files / name, base / "models" / sub / name)             # a hard link: no copy of 2-4 GB
     write_loras(base / "models" / "loras", wide_config().dim)
     with ComfyServer(request.param, base) as srv:
         yield srv

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -315,8 +316,6 @@ def test_the_same_weights_from_differently_laid_out_files_compute_the_same_bits(
 
 # ---- memory while loading a full-size file --------------------------------------------------------------
 
-CACHE = Path(__file__).resolve().parents[1] / ".runtime" / "cache"       # git-ignored, kept between runs
-FULL_DIT = CACHE / "z_image_turbo_random_bf16.safetensors"
 GiB = 2 ** 30
 # Over the fp8 model and one tensor as read: the allocator's and the file mapping's own granularity. Measured
 # 51 MiB above the model alone (model 6.12 GiB, peak +6.17 GiB), less than the largest tensor (84 MiB).
@@ -346,17 +345,11 @@ print(json.dumps({"base": base, "peak": peak(), "largest": largest, "fp8": repor
 """
 
 
-def full_size_dit_file() -> Path:
-    """The 6.15 B parameter DiT in the released bf16 layout, random, written once into CACHE (about 90 s on
-    this project's 2-core machine, 12.3 GB). Skips where the disk cannot hold it."""
-    if FULL_DIT.exists():
-        return FULL_DIT
-    import shutil
-    CACHE.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(CACHE).free
-    if free < 12.4e9 + 8 * GiB:                    # the file, and room left for everything else
-        pytest.skip(f"{free / GiB:.0f} GiB free at {CACHE}: the full-size DiT file needs 12.3 GB and a margin")
-    return synthetic.write_dit_file(FULL_DIT, TURBO)
+def full_size_dit_file(folder: Path) -> Path:
+    """The 6.15 B parameter DiT in the released bf16 layout (12.3 GB), all zeros in a hollow file: the load reads
+    and converts every byte whatever its value, and the file costs no disk (a random one took 90 s and 12.3 GB
+    that a CI machine may not have)."""
+    return synthetic.write_hollow_file(folder / "z_image_turbo_bf16.safetensors", synthetic.dit_shapes(TURBO))
 
 
 def memory_available() -> int:
@@ -366,14 +359,15 @@ def memory_available() -> int:
     return 0
 
 
-def test_fp8_load_of_the_full_size_bf16_file_peaks_at_the_fp8_model_plus_one_tensor():
+def test_fp8_load_of_the_full_size_bf16_file_peaks_at_the_fp8_model_plus_one_tensor(tmp_path):
     """The pack's fp8 choice on the released bf16 file. Before, the whole DiT was built in the compute dtype
     first (24.6 GB in fp32 on a CPU, 12.3 GB in bf16 on a GPU machine) and only then stored in fp8: on this
     24 GB machine ComfyUI was killed for memory. Now the load's peak is the model it makes (fp8 blocks, the
     rest in fp32: 6.5 GB) plus the largest tensor as read, within a small margin for the allocator."""
     if memory_available() < 9 * GiB:
         pytest.skip(f"{memory_available() / GiB:.1f} GiB available: the measured load needs about 7")
-    path = full_size_dit_file()
+    path = full_size_dit_file(tmp_path)
+    assert os.stat(path).st_blocks * 512 < 2 ** 20           # hollow: no disk
     result = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(REPO), str(path)], capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -108,9 +108,7 @@ def write_dit_file(path: str | Path, cfg: DiTConfig = TURBO, seed: int = 0, dtyp
                    std: float = 0.02, device: str = "cpu") -> Path:
     """A DiT file in ComfyUI's split layout (z_image_turbo_bf16.safetensors' keys, shapes and order), written
     tensor by tensor: a full-size (6.15 B parameter, 12.3 GB in bf16) file costs one tensor of memory."""
-    model = _on_meta(lambda: ZImageDiT(cfg))
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    return write_random_file(path, shapes, seed, dtype, std, device)
+    return write_random_file(path, dit_shapes(cfg), seed, dtype, std, device)
 
 
 def write_text_encoder_file(path: str | Path, cfg: Qwen3Config = QWEN3_4B, seed: int = 1,
@@ -128,19 +126,12 @@ def write_random_file(path: str | Path, shapes: dict[str, tuple[int, ...]], seed
     "cuda" draws the numbers on the GPU (other values, same distribution): one CPU core draws ~10 B numbers, the
     full DiT and text encoder, in minutes, which a benchmark call on a lent GPU cannot spare."""
     path = Path(path)
-    size = torch.empty((), dtype=dtype).element_size()
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        n = size * math.prod(shape)
-        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)                        # the data starts 8-byte aligned, as safetensors wants
+    head, _ = safetensors_header(shapes, dtype)
     g = torch.Generator(device).manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     with open(part, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.write(head)
         for name, shape in shapes.items():
             noise = torch.randn(shape, generator=g, device=device) * std
             is_norm = name.endswith("weight") and "norm" in name.rsplit(".", 2)[-2]
@@ -149,6 +140,40 @@ def write_random_file(path: str | Path, shapes: dict[str, tuple[int, ...]], seed
             del noise, t
     part.rename(path)
     return path
+
+
+def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> tuple[bytes, int]:
+    """A safetensors file's first bytes (length, then the JSON header padded so the data starts 8-byte aligned)
+    for tensors of `shapes` stored in that order, and the size of the data that follows."""
+    size = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = size * math.prod(shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offset
+
+
+def write_hollow_file(path: str | Path, shapes: dict[str, tuple[int, ...]],
+                      dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A safetensors file of all-zero tensors whose data is a hole in the file system: any size in an instant,
+    and no disk. For tests of how a loader uses memory, which reads every byte the same whatever its value (the
+    page cache fills a page for a hole as for data); never for a test of what a model computes."""
+    path = Path(path)
+    head, data = safetensors_header(shapes, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + data)
+    return path
+
+
+def dit_shapes(cfg: DiTConfig = TURBO) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in the released layout, in the released order."""
+    model = _on_meta(lambda: ZImageDiT(cfg))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def write_all_in_one(path: str | Path, dit: dict[str, Tensor], text_encoder: dict[str, Tensor],
