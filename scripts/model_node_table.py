@@ -56,6 +56,13 @@ KNOWN_CAUSES = {
                          "bf16 weights (cast to fp32 per layer on a CPU), core's UNETLoader upcasts them to fp32 on "
                          "a CPU, so the pack's now computes in bf16 and core's in fp32",
 }
+# A cause that holds only when the tensors apart are exactly these: 0.3.75's NextDiT has a norm_final no Z-Image
+# file holds and no forward reads; core's loader leaves it uninitialised (it logs "unet missing:
+# ['norm_final.weight']") and saves whatever memory held, the pack's loader fills it with ones.
+UNREAD_BY_CORE = {"diffusion_model.norm_final.weight", "model.diffusion_model.norm_final.weight"}
+CAUSE_UNREAD = ("the only tensor apart is norm_final.weight, which no Z-Image file holds and no forward reads: "
+                "core's loader leaves it uninitialised memory (core logs \"unet missing: ['norm_final.weight']\") "
+                "and saves that; the pack's holds ones")
 
 # Optional inputs a node cannot work without (its schema marks them optional because any one of them will do).
 OPTIONAL_USED = {"ZImageFunControlnet": ["image"]}
@@ -356,13 +363,16 @@ def load_png(path: str) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(np.int16)
 
 
-def files_differ(pack: list[str], core: list[str], dtypes: set | None = None) -> float | None:
+def files_differ(pack: list[str], core: list[str], dtypes: set | None = None,
+                 apart: set | None = None) -> float | None:
     """Largest difference between what the two sides wrote (PNG pixels, or safetensors tensors, whose
-    (pack, core) dtype pairs go into `dtypes`); None when the two did not write the same set of files."""
+    (pack, core) dtype pairs go into `dtypes` and the names of those not equal into `apart`); None when the two
+    did not write the same set of files."""
     if len(pack) != len(core) or not pack:
         return None
     worst = 0.0
     dtypes = set() if dtypes is None else dtypes
+    apart = set() if apart is None else apart
     for a, b in zip(pack, core):
         if a.endswith(".png"):
             x, y = load_png(a), load_png(b)
@@ -379,7 +389,10 @@ def files_differ(pack: list[str], core: list[str], dtypes: set | None = None) ->
                     if ta.shape != tb.shape:
                         return None
                     dtypes.add((str(ta.dtype).replace("torch.", ""), str(tb.dtype).replace("torch.", "")))
-                    worst = max(worst, float((ta.float() - tb.float()).abs().max()) if ta.numel() else 0.0)
+                    gap = float((ta.float() - tb.float()).abs().max()) if ta.numel() else 0.0
+                    if gap > 0:
+                        apart.add(name)
+                    worst = max(worst, gap)
         else:
             worst = max(worst, 0.0 if Path(a).read_bytes() == Path(b).read_bytes() else float("inf"))
     return worst
@@ -394,15 +407,16 @@ def classify(pack: dict, core: dict, baseline: dict) -> dict:
         return {"result": DIFFERS, "note": f"pack: {pack.get('error', 'ran')} | core: {core.get('error', 'ran')}"}
     if not pack["files"] and not core["files"]:
         return {"result": SAME, "note": "ran on both; wrote nothing on either"}
-    dtypes: set = set()
-    diff = files_differ(pack["files"], core["files"], dtypes)
+    dtypes, apart = set(), set()
+    diff = files_differ(pack["files"], core["files"], dtypes, apart)
     if diff is None:
         return {"result": DIFFERS,
                 "note": f"outputs do not match: pack {len(pack['files'])} files, core {len(core['files'])}"}
     pngs = pack["files"][0].endswith(".png")
     if diff > (TOLERANCE if pngs else 0):
-        return {"result": DIFFERS, "diff": diff,
-                "note": f"pack vs core {diff:g}{'/255' if pngs else ' (largest tensor difference)'}"}
+        where = "" if pngs else f" in {len(apart)} tensor(s): {', '.join(sorted(apart)[:3])}"
+        return {"result": DIFFERS, "diff": diff, "apart": sorted(apart),
+                "note": f"pack vs core {diff:g}{'/255' if pngs else ' (largest tensor difference)'}{where}"}
     if not pngs:
         mixed = sorted(f"{a} (pack) / {b} (core)" for a, b in dtypes if a != b)
         # core's UNETLoader keeps a bf16 file in fp32 on a CPU, the pack's loader keeps bf16: same values
@@ -479,6 +493,8 @@ def survey(server: ComfyServer, only: list[str] | None = None, resume: bool = Fa
             row.update(classify(results[k["pack"]], results[k["core"]], base))
             if row["result"] == DIFFERS and row["node"] in KNOWN_CAUSES:
                 row["note"] += f" (cause: {KNOWN_CAUSES[row['node']]})"
+            elif row["result"] == DIFFERS and row.get("apart") and set(row["apart"]) <= UNREAD_BY_CORE:
+                row["note"] += f" (cause: {CAUSE_UNREAD})"
             if row["result"] == DIFFERS:
                 print(f"\n!!! {server.version} {row['node']} DIFFERS on the pack's MODEL: {row['note']}\n", flush=True)
     print(f"ComfyUI {server.version}: ran in {time.monotonic() - started:.0f} s", flush=True)
@@ -552,7 +568,8 @@ def write_table(by_version: dict[str, list[dict]], md: Path, js: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--versions", nargs="+", default=list(VERSIONS))
-    parser.add_argument("--nodes", nargs="+", help="only these nodes (a quick look; the docs need all)")
+    parser.add_argument("--nodes", nargs="+", help="re-run only these nodes' rows (the others are kept "
+                        "from the JSON when its settings match)")
     parser.add_argument("--out", default=str(REPO / "docs" / "model_nodes.md"))
     parser.add_argument("--resume", action="store_true",
                         help="take branches a crashed run of the same settings finished from its store")
@@ -567,10 +584,13 @@ def main(argv=None) -> int:
     # versions not surveyed in this run keep their rows from the JSON (same settings only), so each version can
     # be run on its own; the table is written after each version, so a late failure keeps the earlier ones
     earlier = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    by_version = {v: rows for v, rows in earlier.get("nodes", {}).items()
-                  if earlier.get("settings") == settings() and not args.nodes}
+    by_version = {v: rows for v, rows in earlier.get("nodes", {}).items() if earlier.get("settings") == settings()}
     for v in args.versions:
-        by_version[v] = survey_version(v, args.nodes, fixtures, args.resume)
+        fresh = survey_version(v, args.nodes, fixtures, args.resume)
+        if args.nodes and v in by_version:            # --nodes re-runs those rows; the others stay as they were
+            redone = {r["node"]: r for r in fresh}
+            fresh = [redone.pop(r["node"], r) for r in by_version[v]] + list(redone.values())
+        by_version[v] = fresh
         by_version = {k: by_version[k] for k in sorted(by_version, key=lambda k: VERSIONS.index(k)
                                                         if k in VERSIONS else len(VERSIONS))}
         write_table(by_version, out, out.with_suffix(".json"))

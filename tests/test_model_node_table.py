@@ -60,3 +60,18 @@ def test_table_counts_match_rows(rows, tmp_path):
     text = md.read_text()
     assert f"**ComfyUI {VERSION}**: 8 MODEL nodes: 5 same as core, 0 DIFFERS, 1 refused by both, 2 not applicable" in text
     assert "| FreeU_V2 | model/patch/unet | refused by both |" in text
+
+
+def test_a_tensor_difference_names_the_tensors_apart(tmp_path):
+    """An output node's DIFFERS row names the tensors apart, so a cause like 0.3.75's uninitialised norm_final
+    (core's loader never fills it) is checked against the run, not assumed."""
+    import torch
+    from safetensors.torch import save_file
+    same = torch.arange(6.0).reshape(2, 3)
+    save_file({"a": same, "model.diffusion_model.norm_final.weight": torch.ones(3)}, str(tmp_path / "pack.safetensors"))
+    save_file({"a": same, "model.diffusion_model.norm_final.weight": torch.zeros(3)}, str(tmp_path / "core.safetensors"))
+    row = survey.classify({"files": [str(tmp_path / "pack.safetensors")]},
+                          {"files": [str(tmp_path / "core.safetensors")]}, {"files": []})
+    assert row["result"] == survey.DIFFERS and row["diff"] == 1.0
+    assert row["apart"] == ["model.diffusion_model.norm_final.weight"]
+    assert set(row["apart"]) <= survey.UNREAD_BY_CORE
