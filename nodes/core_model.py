@@ -5,7 +5,7 @@ Being core's model, everything ComfyUI does to a Z-Image model works on it as on
 patches (Fun ControlNet, ScaleROPE), wrappers, partial loading, dynamic VRAM, compile. What the pack adds comes
 through public hooks only: custom operations for fp8 matmul and the fp16 guard (pack_ops), the weights read
 from memory-mapped files (a bf16 file in bf16 is never copied into anonymous memory), fp8 storage of the block
-weights cast tensor by tensor, and `cached_patcher_init`, the factory ComfyUI calls for a non-dynamic copy.
+weights cast tensor by tensor (a scaled fp8 file's values kept with their per-tensor scales), and `cached_patcher_init`, the factory ComfyUI calls for a non-dynamic copy.
 """
 from __future__ import annotations
 
@@ -88,20 +88,28 @@ def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: 
     model = build_core_model(report.config, precision)
     dit = model.diffusion_model
     wanted = {k: v for k, v in expected_tensors(dit).items() if k not in UNUSED_CORE_KEYS}
-    sd = {}
+    sd, scales = {}, {}
     for key in meta_dit.state_dict():
         dtype = precision.blocks if key in blocks else precision.compute
+        scaled = read.scaled_fp8(key) if key in blocks and dtype == FP8 else None
+        if scaled is not None and scaled[0].dtype == dtype:   # a scaled fp8 file's values, kept with their scale
+            sd[key], scales[key.rsplit(".", 1)[0]] = scaled
+            continue
         t = read(key)
         sd[key] = t if t.dtype == dtype else t.to(dtype)     # same dtype: the mapped tensor itself, no copy
     _check_against_core(wanted, sd, report.file)
     dit.load_state_dict(sd, strict=False, assign=True)
     del sd
+    for layer, scale in scales.items():
+        pack_ops.keep_scale(dit.get_submodule(layer), scale)
     _materialise_unused(dit)
     if precision.fp8_matmul:
         pack_ops.fp8_matmul_linears(dit)
     if hasattr(mm, "archive_model_dtypes"):                     # 0.30.0+: dynamic VRAM reads the stored dtypes
         mm.archive_model_dtypes(dit)
-    patcher = _patcher(model, disable_dynamic)
+    # 0.30.0's dynamic VRAM patches a LoRA into the stored weight as if it were the real one, and writes it back:
+    # right for core's own quantised tensors, wrong for a weight that a scale multiplies afterwards
+    patcher = _patcher(model, disable_dynamic or bool(scales))
     # ComfyUI 0.30.0+ asks this for a non-dynamic copy (core's compile node, hooks, multi-GPU)
     patcher.cached_patcher_init = (load_model, (str(source), weight_dtype))
     log.info("Z-Image: loaded %s as ComfyUI's Z-Image model (compute %s, blocks %s)", report, precision.compute,

@@ -15,6 +15,7 @@ included, goes through core's own cast path (cast_bias_weight) unchanged.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import comfy.ops
 import torch
@@ -57,6 +58,10 @@ class PackOps(comfy.ops.manual_cast):
                 return self._fp16_guarded(input)
             return super().forward_comfy_cast_weights(input, *args, **kwargs)
 
+        def weight_scale(self, device: torch.device) -> Tensor | None:
+            """The per-tensor scale the stored weight is multiplied by (a scaled fp8 file's), or None."""
+            return None
+
         def fp8_matmul_mode(self, input: Tensor) -> str | None:
             """quant.scaled_mm_support's mode for this call, or None where the cast path must run."""
             w = self.weight
@@ -70,7 +75,10 @@ class PackOps(comfy.ops.manual_cast):
             # the weight as stored (fp8), on the input's device: resident, or streamed by core's cast path
             w, b, stream = cast_weight(self, input, dtype=self.weight.dtype)
             try:
-                scale = torch.ones((1, self.out_features) if mode == "rowwise" else (), device=input.device)
+                scale = self.weight_scale(input.device)
+                scale = torch.ones((), device=input.device) if scale is None else scale
+                if mode == "rowwise":                                   # one scale per output row
+                    scale = scale.reshape(1, 1).expand(1, self.out_features).contiguous()
                 return quant.fp8_matmul(input, w, scale, rowwise=mode == "rowwise")
             except (RuntimeError, ValueError) as e:     # torch raises both for _scaled_mm arguments it refuses
                 PackOps.Linear._fp8_failed = True
@@ -86,6 +94,98 @@ class PackOps(comfy.ops.manual_cast):
                 return fp16_guarded_linear(input, w, b)
             finally:
                 uncast_weight(self, w, b, stream)
+
+
+class ScaledFP8Linear(PackOps.Linear):
+    """A block Linear of a scaled fp8 file (ComfyUI's `scale_weight`, or `weight_scale` + `comfy_quant`): the fp8
+    values as stored, and their per-tensor scale in the `scale_weight` buffer; the weight it stands for is
+    weight * scale. Storing the dequantised weight in fp8 again instead drops the scale, and weights smaller
+    than fp8's normal range (2^-6) lose most of their bits (tests/test_core_model.py measures both).
+
+    core's LoRA patching sees the real weight through the two hooks it looks up on a layer (get_key_weight):
+    convert_weight (stored -> real) and set_weight (real -> stored)."""
+    # (the patched Parameter, its scale) after core baked a LoRA in: a LoRA can take the weight past the range
+    # of the file's scale, so the patched weight gets a scale of its own. Core restores the weight from its
+    # backup (a new Parameter) when the LoRA goes: the file's scale applies again, with nothing to undo here.
+    _patched: tuple[weakref.ref, Tensor] | None = None
+
+    def weight_scale(self, device: torch.device) -> Tensor:
+        scale = self.scale_weight
+        if self._patched is not None and self._patched[0]() is self.weight:
+            scale = self._patched[1]
+        return scale.to(device=device, dtype=torch.float32, non_blocking=True)
+
+    def forward_comfy_cast_weights(self, input, *args, **kwargs):
+        if not (self.weight_function or self.bias_function):
+            mode = self.fp8_matmul_mode(input)
+            if mode is not None:
+                out = self._fp8_product(input, mode)
+                if out is not None:
+                    return out
+            weight_functions = []
+        elif lowvram_patch_converts():
+            weight_functions = []       # core's cast-time LoRA works in stored units (convert/set_weight below)
+        else:
+            # core's cast-time LoRA patches the weight as cast, taken as the real one (a newer core dequantises
+            # its own quantised weights in the cast): cast without it, scale, then patch
+            weight_functions = self.weight_function
+        saved = self.weight_function
+        if weight_functions:
+            self.weight_function = []
+        try:
+            w, b, stream = comfy.ops.cast_bias_weight(self, input, offloadable=True)
+        finally:
+            self.weight_function = saved
+        try:
+            real = w * self.weight_scale(w.device)
+            for f in weight_functions:
+                real = f(real)
+            return torch.nn.functional.linear(input, real, b)
+        finally:
+            uncast_weight(self, w, b, stream)
+
+    def convert_weight(self, weight: Tensor, inplace: bool = False, **kwargs) -> Tensor:
+        scale = self.weight_scale(weight.device)
+        return weight.mul_(scale) if inplace else weight.float() * scale
+
+    def set_weight(self, weight: Tensor, inplace_update: bool = False, seed=None, return_weight: bool = False,
+                   **kwargs):
+        if return_weight:       # a cast-time patch (0.3.75), multiplied by the same scale next: not rounded
+            return weight / self.weight_scale(weight.device)
+        import comfy.float
+        with torch.no_grad():   # ComfyUI patches under inference mode; a script or test calling it may not
+            # the file's scale, or a larger one where the LoRA took the weight past its range (else it would clip)
+            scale = torch.maximum(self.scale_weight.to(weight.device, torch.float32),
+                                  weight.abs().amax().float() / quant.FP8_MAX)
+            stored = comfy.float.stochastic_rounding(weight.float() / scale, self.weight.dtype, seed=seed or 0)
+        # a new Parameter even where an in-place update is asked: the backup core restores must stay the old one
+        self.weight = torch.nn.Parameter(stored, requires_grad=False)
+        self._patched = (weakref.ref(self.weight), scale.reshape(()))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._patched is not None and self._patched[0]() is self.weight:     # a saved patched model
+            destination[prefix + "scale_weight"] = self._patched[1].detach()
+
+
+def keep_scale(linear: PackOps.Linear, scale: Tensor) -> None:
+    """Make a loaded block Linear a ScaledFP8Linear holding `scale` (a 0-dim fp32 tensor)."""
+    linear.__class__ = ScaledFP8Linear
+    linear.register_buffer("scale_weight", scale.reshape(()).float())
+
+
+_LOWVRAM_CONVERTS: list[bool] = []
+
+
+def lowvram_patch_converts() -> bool:
+    """Whether core's cast-time LoRA patch (model_patcher.LowVramPatch) runs a layer's convert_weight and
+    set_weight around the patch (ComfyUI 0.3.75) or patches the cast weight as given (0.30.0). Asked of core's
+    class itself, once, with a convert_weight that doubles and no patches."""
+    if not _LOWVRAM_CONVERTS:
+        from comfy.model_patcher import LowVramPatch
+        probe = LowVramPatch("w", {"w": []}, convert_func=lambda w, **_: w * 2, set_func=None)
+        _LOWVRAM_CONVERTS.append(bool(probe(torch.ones(1))[0] == 2))
+    return _LOWVRAM_CONVERTS[0]
 
 
 def cast_weight(module, input: Tensor, dtype: torch.dtype):

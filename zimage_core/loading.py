@@ -191,7 +191,28 @@ def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]]) -> 
                 parts = [p.float() for p in parts]
             return torch.cat(parts)
         return _dequantized(ckpt, src)
+
+    def scaled_fp8(key: str) -> tuple[Tensor, Tensor] | None:
+        """(the fp8 tensor as stored, its fp32 scale) where the file holds one fp8 tensor with one per-tensor
+        scale (ComfyUI's scaled fp8: `scale_weight`, or `weight_scale` with `comfy_quant`); else None. Storing
+        the dequantised value in fp8 again, without the scale, loses it: small weights fall into fp8's subnormals."""
+        src = plan[key]
+        if isinstance(src, tuple) or ckpt.dtypes[src] not in FP8_DTYPES:
+            return None
+        scale = _scale_of(ckpt, src)
+        if scale is None or scale.numel() != 1:
+            return None
+        return ckpt.read(src), scale.reshape(())
+    read.scaled_fp8 = scaled_fp8
     return read
+
+
+def _scale_of(ckpt: Checkpoint, key: str) -> Tensor | None:
+    layer = key.rsplit(".", 1)[0]
+    for scale_key in (f"{layer}.scale_weight", f"{layer}.weight_scale"):
+        if scale_key in ckpt.shapes:
+            return ckpt.read(scale_key).float()
+    return None
 
 
 def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
@@ -201,12 +222,10 @@ def _dequantized(ckpt: Checkpoint, key: str) -> Tensor:
     t = ckpt.read(key)
     if ckpt.dtypes[key] not in FP8_DTYPES:
         return t
-    layer = key.rsplit(".", 1)[0]
-    for scale_key in (f"{layer}.scale_weight", f"{layer}.weight_scale"):
-        if scale_key in ckpt.shapes:
-            scale = ckpt.read(scale_key).float()
-            return t.float() * (scale if scale.ndim == 0 else scale.reshape(-1, *[1] * (t.ndim - 1)))
-    return t
+    scale = _scale_of(ckpt, key)
+    if scale is None:
+        return t
+    return t.float() * (scale if scale.ndim == 0 else scale.reshape(-1, *[1] * (t.ndim - 1)))
 
 
 def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu",
