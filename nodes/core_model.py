@@ -5,7 +5,8 @@ Being core's model, everything ComfyUI does to a Z-Image model works on it as on
 patches (Fun ControlNet, ScaleROPE), wrappers, partial loading, dynamic VRAM, compile. What the pack adds comes
 through public hooks only: custom operations for fp8 matmul and the fp16 guard (pack_ops), the weights read
 from memory-mapped files (a bf16 file in bf16 is never copied into anonymous memory), fp8 storage of the block
-weights cast tensor by tensor (a scaled fp8 file's values kept with their per-tensor scales), and `cached_patcher_init`, the factory ComfyUI calls for a non-dynamic copy.
+weights cast tensor by tensor (a scaled fp8 file's values kept with their per-tensor scales), and
+`cached_patcher_init`, the factory ComfyUI calls for a non-dynamic copy.
 """
 from __future__ import annotations
 
@@ -35,6 +36,27 @@ log = logging.getLogger("ZImageTurbo")
 MEMORY_USAGE_FACTOR = 2.8
 # 0.3.75's NextDiT has an unused final RMSNorm that no file holds; forward never reads it.
 UNUSED_CORE_KEYS = {"norm_final.weight"}
+BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
+LOADER_HINT = ("connect the MODEL of a Z-Image loader (the pack's, or core's Load Diffusion Model with a Z-Image "
+               "file), after any LoRA or patch nodes")
+
+
+def zimage_dit(model, node: str, input_name: str = "model") -> torch.nn.Module:
+    """The diffusion model (core's NextDiT) of a Z-Image MODEL, the pack's or core's, or an error naming the
+    node, what came in and what to connect. The one check of every pack node that takes a MODEL: core's
+    Lumina 2 builds the same NextDiT class, so its model config is what tells Z-Image apart."""
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    dit = getattr(base, "diffusion_model", None)
+    if isinstance(config, comfy.supported_models.ZImage) and all(hasattr(dit, n) for n in BLOCK_LISTS):
+        return dit
+    if config is not None:
+        got = f"a {type(config).__name__} model"
+    elif base is not None:
+        got = f"a MODEL holding a {type(base).__name__}, not a diffusion model ComfyUI knows"
+    else:
+        got = f"a {type(model).__name__}"
+    raise ValueError(f"{node}: {input_name} is {got}, not a Z-Image model: {LOADER_HINT}")
 
 
 def unet_config(cfg: DiTConfig) -> dict:

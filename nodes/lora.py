@@ -14,6 +14,7 @@ import folder_paths
 import torch
 
 from ..zimage_core.lora import normalise
+from .core_model import zimage_dit
 from .loaders import CATEGORY
 
 log = logging.getLogger("ZImageTurbo")
@@ -22,9 +23,7 @@ SHOWN = 5                   # ignored keys named in a warning; the count says ho
 
 def dit_linears(model) -> dict[str, int]:
     """The Z-Image DiT's Linear modules and their output rows; a clear error for a MODEL of another kind."""
-    dit = getattr(model.model, "diffusion_model", None)
-    if dit is None or not all(hasattr(dit, n) for n in ("layers", "noise_refiner", "context_refiner")):
-        raise ValueError("model: this is not a Z-Image model; connect the MODEL of a Z-Image loader")
+    dit = zimage_dit(model, "Z-Image LoRA Loader")
     return {name: m.out_features for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear)}
 
 

@@ -21,6 +21,7 @@ from ..zimage_core.config import FLUX_LATENT, SAMPLING
 from ..zimage_core.pipeline import check_size
 from ..zimage_core.sampling import sigma_schedule
 from . import guard, speed
+from .core_model import zimage_dit
 from .loaders import CATEGORY
 
 
@@ -223,6 +224,7 @@ class ZImageTurboSampler:
     def run(self, model, positive, latent_image, seed, steps, cfg, shift, denoise, negative=None, variant="turbo",
             cfg_normalization=0.0, cfg_truncation=1.0):
         started = time.perf_counter()
+        zimage_dit(model, "Z-Image Sampler")     # another model would run with Z-Image's schedule, wrongly
         check_numbers(cfg=cfg, shift=shift, denoise=denoise)
         for name, value in (("cfg_normalization", cfg_normalization), ("cfg_truncation", cfg_truncation)):
             if not math.isfinite(value):

@@ -15,11 +15,11 @@ import comfy.utils
 import torch
 
 from ..zimage_core.dit import COMPILE_ERRORS
+from .core_model import BLOCK_LISTS, zimage_dit
 from .loaders import CATEGORY
 
 log = logging.getLogger("ZImageTurbo")
 WRAPPER_KEY = "zimage.compile"
-BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
 
 def _skip_transformer_options(guard_entries):
@@ -104,10 +104,7 @@ class ZImageTurboCompile:
         }}
 
     def patch(self, model):
-        dit = getattr(model.model, "diffusion_model", None)
-        if not all(hasattr(dit, name) for name in BLOCK_LISTS):
-            raise ValueError("model: this is not a Z-Image model (no layers/noise_refiner/context_refiner blocks); "
-                             "connect a Z-Image loader's MODEL")
+        zimage_dit(model, "Z-Image Compile")
         patched = _non_dynamic_clone(model)          # the loaded MODEL stays as it was for other branches
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, CompiledBlocks())
         return (patched,)

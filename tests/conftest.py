@@ -50,6 +50,14 @@ def randomize(module: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.
     return module
 
 
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """The tiny model's split files in fp32 (DiT, text encoder, VAE; zimage_core.synthetic), written once for
+    the session: the tests read them and never write them."""
+    from zimage_core import synthetic
+    return synthetic.write_split_files(tmp_path_factory.mktemp("tiny_models"), dtype=torch.float32)
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(max abs error, max abs error / max abs reference)."""
     diff = (ours.double() - ref.double()).abs().max().item()

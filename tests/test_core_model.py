@@ -31,13 +31,8 @@ def loaders():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return synthetic.write_split_files(tmp_path_factory.mktemp("models"), dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def parts(loaders, files):
-    return loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")
+def parts(loaders, tiny_files):
+    return loaders.load_parts(tiny_files.dit, tiny_files.text_encoder, tiny_files.vae, "auto")
 
 
 def test_the_loaders_return_core_classes(parts):
@@ -60,10 +55,10 @@ def test_the_loaders_return_core_classes(parts):
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_core_model_equals_the_engine(parts, files, streamed):
+def test_core_model_equals_the_engine(parts, tiny_files, streamed):
     """streamed: every layer through ComfyUI's cast path, as in low-VRAM and dynamic modes."""
     model = parts[0]
-    engine, _ = load_dit(files.dit, torch.float32, fast=PLAIN)
+    engine, _ = load_dit(tiny_files.dit, torch.float32, fast=PLAIN)
     dit = model.model.diffusion_model
     if streamed:
         for m in dit.modules():
@@ -87,12 +82,12 @@ def test_core_model_equals_the_engine(parts, files, streamed):
     assert err[1] <= 1e-4
 
 
-def test_core_text_encoder_equals_the_engine(parts, files):
+def test_core_text_encoder_equals_the_engine(parts, tiny_files):
     clip = parts[1]
     tokens = clip.tokenize("a red fox in the snow, 雪の中の赤い狐")
     ids = [t[0] for t in tokens["qwen3_4b"][0]]
     core = clip.encode_from_tokens(tokens)
-    engine, _ = load_text_encoder(files.text_encoder, torch.float32)
+    engine, _ = load_text_encoder(tiny_files.text_encoder, torch.float32)
     with torch.no_grad():
         ours = engine(torch.tensor([ids]))
     err = rel_err(core.float(), ours.float())
@@ -100,9 +95,9 @@ def test_core_text_encoder_equals_the_engine(parts, files):
     assert core.shape == ours.shape and err[1] <= 1e-5
 
 
-def test_core_vae_equals_the_engine(parts, files):
+def test_core_vae_equals_the_engine(parts, tiny_files):
     vae = parts[2]
-    engine, _ = load_vae(files.vae, torch.float32)
+    engine, _ = load_vae(tiny_files.vae, torch.float32)
     z = torch.randn(1, 16, 4, 6)
     with torch.no_grad():
         ours = ((engine.decode(z) + 1) / 2).clamp(0, 1).movedim(1, -1)
@@ -243,14 +238,14 @@ def test_fp16_guard_is_the_fp32_product_and_never_overflows():
     assert rel_err(out, exact)[1] <= 2e-3 and small <= 2e-3
 
 
-def test_fp8_and_fp16_models_use_the_pack_operations_and_stay_close(loaders, files, parts):
+def test_fp8_and_fp16_models_use_the_pack_operations_and_stay_close(loaders, tiny_files, parts):
     import comfy.ops
     x, sigma = torch.randn(1, 16, 6, 4), torch.tensor([0.7])
     cap = torch.randn(1, 9, 32)
     with torch.no_grad():
         reference = parts[0].model.diffusion_model(x, sigma, cap, num_tokens=9)
     for weight_dtype, tol in (("fp8_e4m3fn", 0.08), ("fp8_e4m3fn_fast", 0.08), ("fp16", 2e-3)):
-        model = loaders.load_parts(files.dit, files.text_encoder, files.vae, weight_dtype)[0]
+        model = loaders.load_parts(tiny_files.dit, tiny_files.text_encoder, tiny_files.vae, weight_dtype)[0]
         dit = model.model.diffusion_model
         linears = [m for m in dit.modules() if isinstance(m, torch.nn.Linear)]
         assert all(isinstance(m, comfy.ops.manual_cast.Linear) for m in linears)
@@ -275,8 +270,41 @@ def test_compile_node_patches_a_clone_and_refuses_other_models(parts):
     assert patched.model is model.model                                       # same weights, no copy
     other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=torch.device("cpu"),
                                              offload_device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="not a Z-Image model"):
+    with pytest.raises(ValueError, match="Z-Image Compile: model is a MODEL holding a Linear, .* not a Z-Image "
+                                         "model: connect the MODEL of a Z-Image loader"):
         speed.ZImageTurboCompile().patch(other)
+
+
+def lumina2_stand_in(model):
+    """A MODEL as core's Lumina 2 loader makes one: the same NextDiT class, a Lumina2 model config."""
+    import types
+    import comfy.supported_models
+    config = comfy.supported_models.Lumina2(import_pack("nodes.core_model").unet_config(synthetic.TINY))
+    return types.SimpleNamespace(model=types.SimpleNamespace(model_config=config,
+                                                             diffusion_model=model.model.diffusion_model))
+
+
+@pytest.mark.parametrize("node", ["sampler", "lora", "compile"])
+def test_every_model_input_runs_the_one_z_image_check(parts, node, tmp_path):
+    """The sampler, the LoRA loader and the compile node refuse another model with the same words: the node,
+    what came in (core's Lumina 2 builds the very same NextDiT class: its model config tells them apart), and
+    what to connect; the pack's MODEL passes the same check."""
+    core_model = import_pack("nodes.core_model")
+    assert core_model.zimage_dit(parts[0], "any") is parts[0].model.diffusion_model
+    other = lumina2_stand_in(parts[0])
+    if node == "sampler":
+        name = "Z-Image Sampler"
+        run = lambda: import_pack("nodes.sampling").ZImageTurboSampler().run(  # noqa: E731
+            other, [], {"samples": torch.zeros(1, 16, 8, 8)}, 0, 1, 1.0, 3.0, 1.0)
+    elif node == "lora":
+        name = "Z-Image LoRA Loader"
+        run = lambda: import_pack("nodes.lora").ZImageLoraLoader().load(other, "none.safetensors", 1.0)  # noqa: E731
+    else:
+        name = "Z-Image Compile"
+        run = lambda: import_pack("nodes.speed").ZImageTurboCompile().patch(other)  # noqa: E731
+    with pytest.raises(ValueError, match=f"^{name}: model is a Lumina2 model, not a Z-Image model: connect the "
+                                         f"MODEL of a Z-Image loader"):
+        run()
 
 
 def test_a_failing_compile_is_logged_once_and_runs_eager(parts, monkeypatch, caplog):
@@ -309,7 +337,7 @@ def core_control(cfg):
     return comfy_nextdit(cfg)
 
 
-def test_dynamic_vram_loads_every_weight(loaders, files, parts, monkeypatch):
+def test_dynamic_vram_loads_every_weight(loaders, tiny_files, parts, monkeypatch):
     """ComfyUI 0.30.0 on NVIDIA turns on dynamic VRAM (comfy.memory_management.aimdo_enabled): core's Linears are
     then built without weights and filled from the state dict. The loader must still hold every weight and
     compute the same; core's own NextDiT (the control) does under the same flag."""
@@ -320,7 +348,7 @@ def test_dynamic_vram_loads_every_weight(loaders, files, parts, monkeypatch):
     from zimage_core.config import TINY
     control = core_control(TINY)
     assert next(m for m in control.modules() if isinstance(m, torch.nn.Linear)).weight is None   # lazy: the flag acts
-    model = loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")[0]
+    model = loaders.load_parts(tiny_files.dit, tiny_files.text_encoder, tiny_files.vae, "auto")[0]
     dit = model.model.diffusion_model
     assert all(p is not None and not p.is_meta for p in dit.state_dict().values())
     x, sigma, cap = torch.randn(1, 16, 6, 4), torch.tensor([0.5]), torch.randn(1, 9, 32)
@@ -335,7 +363,7 @@ def partial_load_to_meta(patcher, fraction: float = 0.5):
     patcher.load(torch.device("meta"), lowvram_model_memory=int(patcher.model_size() * fraction))
 
 
-def test_partial_loading_runs_the_model_and_vae_like_core_s(loaders, files, monkeypatch):
+def test_partial_loading_runs_the_model_and_vae_like_core_s(loaders, tiny_files, monkeypatch):
     """Cards the DiT does not fit: ComfyUI loads part of the weights and streams the rest per call. With the
     meta device as the GPU, a forward runs on the device (shapes only) for core's NextDiT (the control) and for
     the loaders' MODEL and VAE. A weight left on the CPU that the forward does not cast to the device fails it
@@ -351,7 +379,7 @@ def test_partial_loading_runs_the_model_and_vae_like_core_s(loaders, files, monk
     # core's control at the sizes core hard-codes (SMALL); the loaders' model from the tiny file
     control = comfy.model_patcher.ModelPatcher(core_control(SMALL), load_device=torch.device("meta"),
                                                offload_device=torch.device("cpu"))
-    model, _, vae = loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")
+    model, _, vae = loaders.load_parts(tiny_files.dit, tiny_files.text_encoder, tiny_files.vae, "auto")
     for name, patcher, dit, width in (("core", control, control.model, SMALL.cap_feat_dim),
                                       ("pack", model, model.model.diffusion_model, 32)):
         cap = torch.empty(1, 9, width, device="meta")
@@ -394,11 +422,12 @@ def lora_files(dim: int, rank: int = 4, seed: int = 0) -> dict[str, tuple[dict, 
 
 
 @pytest.mark.parametrize("fmt", ["comfyui", "ai-toolkit", "diffusers-peft", "diffsynth"])
-def test_core_lora_loading_patches_the_loaders_model(loaders, files, fmt, caplog):
+def test_core_lora_loading_patches_the_loaders_model(loaders, tiny_files, fmt, caplog):
     """core's LoRA loading (what LoraLoader runs) on the loaders' MODEL: every key of the file is mapped, and
     each patched weight is the original plus up @ down, checked by hand on the rows the key targets."""
     import comfy.sd
-    model = loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")[0]     # not loaded by a sampler yet
+    # not loaded by a sampler yet
+    model = loaders.load_parts(tiny_files.dit, tiny_files.text_encoder, tiny_files.vae, "auto")[0]
     dim = model.model.diffusion_model.dim
     sd, expected = lora_files(dim)[fmt]
     with caplog.at_level(logging.WARNING):

@@ -20,14 +20,9 @@ def node():
     return import_pack("nodes.lora")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return synthetic.write_split_files(tmp_path_factory.mktemp("models"), dtype=torch.float32)
-
-
 @pytest.fixture
-def model(files):
-    return import_pack("nodes.core_model").load_model(files.dit)
+def model(tiny_files):
+    return import_pack("nodes.core_model").load_model(tiny_files.dit)
 
 
 @pytest.fixture
@@ -127,7 +122,8 @@ def test_strength_zero_and_other_models(node, model, loras):
     other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=torch.device("cpu"),
                                              offload_device=torch.device("cpu"))
     other.model.diffusion_model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="model: this is not a Z-Image model"):
+    with pytest.raises(ValueError, match="Z-Image LoRA Loader: model is a MODEL holding a Linear, .* not a "
+                                         "Z-Image model: connect the MODEL of a Z-Image loader"):
         node.ZImageLoraLoader().load(other, "m.safetensors", 1.0)
 
 
