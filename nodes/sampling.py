@@ -26,12 +26,15 @@ from .loaders import CATEGORY
 
 
 @torch.no_grad()
-def euler_flow(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def euler_flow(model, x, sigmas, extra_args=None, callback=None, disable=None, truncation=None):
     """Euler steps of the flow ODE in core's sampler interface (model returns the denoised latent). The same
-    arithmetic as core's `euler` without noise churn, kept here so the schedule and the steps are the pack's."""
+    arithmetic as core's `euler` without noise churn, kept here so the schedule and the steps are the pack's.
+    truncation: the run's Truncation, told which step each model call is for."""
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
+        if truncation is not None:
+            truncation.step = i
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
@@ -51,9 +54,9 @@ def check_latent(samples: torch.Tensor) -> tuple[int, int, int]:
     """(batch, width, height) in pixels of a Z-Image latent, or a clear error. Core Empty Latent Image allows
     multiples of 8 and sizes far above what fits, so the size is checked here, before anything is allocated."""
     if samples.ndim != 4:
-        raise ValueError(f"latent_image has shape {list(samples.shape)}: the turbo sampler takes an image latent "
-                         f"(batch, channels, height/8, width/8); connect Empty Latent Image, Z-Image Turbo Size or "
-                         f"Z-Image Turbo VAE Encode")
+        raise ValueError(f"latent_image has shape {list(samples.shape)}: the Z-Image sampler takes an image latent "
+                         f"(batch, channels, height/8, width/8); connect Empty Latent Image, Z-Image Size or "
+                         f"Z-Image VAE Encode")
     B, C, h, w = samples.shape
     if B == 0:
         raise ValueError("latent_image holds 0 images: set batch_size to 1 or more")
@@ -65,7 +68,7 @@ def check_latent(samples: torch.Tensor) -> tuple[int, int, int]:
         check_size(w * d, h * d)
     except ValueError as e:
         raise ValueError(f"latent_image is {w * d}x{h * d} pixels: {e} (set it in Empty Latent Image, or use "
-                         f"Z-Image Turbo Size)") from None
+                         f"Z-Image Size)") from None
     return B, w * d, h * d
 
 
@@ -90,24 +93,35 @@ def variant_warnings(variant: str, steps: int, cfg: float, has_lora: bool) -> li
 
 def t_norm(sigma: torch.Tensor) -> float:
     """diffusers' normalised time of a step, (1000 - t) / 1000 with t = sigma * 1000 in float32 (0 at the start,
-    1 at the end), computed the same way so that a cfg_truncation on a step boundary cuts the same steps."""
-    t = sigma.detach().reshape(-1)[0].float().cpu() * 1000
+    1 at the end), computed the same way so that a cfg_truncation on a step boundary cuts the same steps.
+    sigma: one of the schedule's, on the host (a GPU tensor would be read back: a device sync)."""
+    t = sigma.detach().reshape(-1)[0].float() * 1000
     return ((1000 - t) / 1000).item()
 
 
-def diffusers_cfg(normalization: float, truncation: float):
+class Truncation:
+    """diffusers' cfg_truncation for one run: which steps go without CFG, decided once from the schedule the
+    sampler node holds on the host. euler_flow sets `step` before each model call, so the guidance functions
+    look the answer up instead of reading the step's sigma back from the GPU (a device sync every step)."""
+
+    def __init__(self, sigmas: torch.Tensor, truncation: float):
+        self.skip = [truncation < 1.0 and t_norm(sigma) > truncation for sigma in sigmas[:-1].cpu()]
+        self.step = 0
+
+    def __call__(self) -> bool:
+        return self.skip[self.step]
+
+
+def diffusers_cfg(normalization: float, truncated: Truncation):
     """(sampler_cfg_function, sampler_calc_cond_batch_function) doing diffusers' ZImagePipeline guidance:
     pred = pos + g * (pos - neg) with g = cfg - 1; with normalization k > 0 the prediction's norm (per image) is
-    capped at k times the positive's; no guidance at all on steps whose t_norm exceeds truncation.
+    capped at k times the positive's; no guidance at all on steps whose t_norm exceeds the truncation.
 
     core hands the CFG function `cond` and `uncond` as x - denoised, i.e. sigma times the flow velocity: the same
     image-wide factor on both, so the norm ratio diffusers tests on the velocity is the same number here."""
-    def truncated(sigma) -> bool:
-        return truncation < 1.0 and t_norm(sigma) > truncation
-
     def cfg_function(args):
         cond, uncond = args["cond"], args["uncond"]
-        if truncated(args["sigma"]):
+        if truncated():
             return cond
         pred = cond + (args["cond_scale"] - 1.0) * (cond - uncond)
         if normalization > 0.0:
@@ -120,7 +134,7 @@ def diffusers_cfg(normalization: float, truncation: float):
     def calc_cond_batch(args):
         # a truncated step runs the positive alone, as diffusers does: no second pass to throw away
         conds = args["conds"]
-        if conds[1] is not None and truncated(args["sigma"]):
+        if conds[1] is not None and truncated():
             out = comfy.samplers.calc_cond_batch(args["model"], [conds[0]], args["input"], args["sigma"],
                                                  args["model_options"])
             return [out[0], out[0]]
@@ -129,20 +143,22 @@ def diffusers_cfg(normalization: float, truncation: float):
     return cfg_function, calc_cond_batch
 
 
-def with_guidance(model, cfg: float, normalization: float, truncation: float):
-    """The model to sample: itself when core's own CFG is already diffusers' (cfg 1, or neither option set),
-    else a clone carrying the two hooks (the input model, shared with other nodes, is left as it was)."""
+def with_guidance(model, cfg: float, normalization: float, truncation: float, sigmas: torch.Tensor):
+    """(the model to sample, the run's Truncation or None): the model itself when core's own CFG is already
+    diffusers' (cfg 1, or neither option set), else a clone carrying the two hooks (the input model, shared with
+    other nodes, is left as it was). sigmas: the run's schedule, which the truncation is decided on."""
     if cfg == 1.0 or (normalization <= 0.0 and truncation >= 1.0):
-        return model
+        return model, None
     taken = [k for k in ("sampler_cfg_function", "sampler_calc_cond_batch_function") if k in model.model_options]
     if taken:
         raise ValueError(f"the model already carries a {taken[0]} from another node (e.g. RenormCFG or Skip Layer "
                          f"Guidance): set cfg_normalization 0 and cfg_truncation 1 here, or remove that node")
-    cfg_function, calc_cond_batch = diffusers_cfg(normalization, truncation)
+    truncated = Truncation(sigmas, truncation)
+    cfg_function, calc_cond_batch = diffusers_cfg(normalization, truncated)
     model = model.clone()
     model.set_model_sampler_cfg_function(cfg_function)
     model.set_model_sampler_calc_cond_batch_function(calc_cond_batch)
-    return model
+    return model, truncated
 
 
 def check_model_shift(model, shift: float) -> None:
@@ -181,8 +197,8 @@ class ZImageTurboSampler:
         d = SAMPLING
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Z-Image model: from a Z-Image Turbo loader node, core's loaders, "
-                                               "or after LoRA, ControlNet and other model patches."}),
+                "model": ("MODEL", {"tooltip": "A Z-Image model (Turbo or Base): from a Z-Image loader node, "
+                                               "core's loaders, or after LoRA, ControlNet and other model patches."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode."}),
                 "latent_image": ("LATENT", {"tooltip": "An empty latent (sets size and batch) or an encoded image "
                                                        "for image-to-image with denoise < 1."}),
@@ -241,11 +257,12 @@ class ZImageTurboSampler:
         check_model_shift(model, shift)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = sigma_schedule(steps, shift, denoise)
-        model = with_guidance(model, cfg, cfg_normalization, cfg_truncation)
+        model, truncation = with_guidance(model, cfg, cfg_normalization, cfg_truncation, sigmas)
+        sampler = comfy.samplers.KSAMPLER(euler_flow, extra_options={"truncation": truncation} if truncation else {})
         # at cfg 1 core never evaluates the negative (its cfg-1 shortcut); an empty list stands for it
         samples = guard.run_guarded(
             "sampling", guard.sampler_remedy(width, height, B), comfy.sample.sample_custom,
-            model, noise, cfg, comfy.samplers.KSAMPLER(euler_flow), sigmas, positive,
+            model, noise, cfg, sampler, sigmas, positive,
             negative if negative is not None else [], latent, noise_mask=latent_image.get("noise_mask"),
             callback=progress(steps), disable_pbar=True, seed=seed)
         # what the canvas shows with the result and the save node writes into PNGs: the values actually used

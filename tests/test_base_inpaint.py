@@ -326,6 +326,31 @@ def test_cfg_runs_cond_and_uncond_as_one_batch_and_truncated_steps_once(parts):
     assert sizes == [1] * 6                                   # cfg 1: the options have nothing to act on
 
 
+def test_cfg_truncation_never_reads_the_step_sigma(monkeypatch):
+    """The truncated steps are decided once from the schedule the sampler node holds on the host; the guidance
+    functions never read the step's sigma (on a GPU each read is a device sync). Here it is on the meta
+    device, where any read fails; the steps cut are the ones t_norm gives."""
+    import comfy.samplers
+    sampling = import_pack("nodes.sampling")
+    from zimage_core.sampling import sigma_schedule
+    sigmas = sigma_schedule(6, 3.0, 1.0)
+    truncated = sampling.Truncation(sigmas, 0.5)
+    cfg_function, calc_cond_batch = sampling.diffusers_cfg(0.0, truncated)
+    passes = []
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch",
+                        lambda model, conds, x, sigma, options: passes.append(len(conds)) or [None] * len(conds))
+    unreadable = torch.empty(1, device="meta")
+    guided = []
+    for step in range(6):
+        truncated.step = step                              # what euler_flow does before each model call
+        calc_cond_batch({"conds": [["pos"], ["neg"]], "model": None, "input": None, "sigma": unreadable,
+                         "model_options": {}})
+        out = cfg_function({"cond": torch.ones(1), "uncond": torch.zeros(1), "cond_scale": 4.0, "sigma": unreadable})
+        guided.append(out.item())
+    assert passes == [2] * 5 + [1] and guided == [4.0] * 5 + [1.0]
+    assert truncated.skip == [sampling.t_norm(s) > 0.5 for s in sigmas[:-1]]
+
+
 def test_the_input_model_is_left_unpatched(parts):
     model = parts[0]
     model_calls(parts, steps=2, cfg=4.0, cfg_normalization=1.0, cfg_truncation=0.5)
@@ -339,8 +364,8 @@ def test_a_model_with_another_cfg_function_is_refused_by_name(parts):
     other = model.clone()
     other.set_model_sampler_cfg_function(lambda args: args["cond"])
     with pytest.raises(ValueError, match="cfg_normalization 0 and cfg_truncation 1"):
-        sampling.with_guidance(other, 4.0, 1.0, 1.0)
-    assert sampling.with_guidance(other, 4.0, 0.0, 1.0) is other     # options off: core's path, untouched
+        sampling.with_guidance(other, 4.0, 1.0, 1.0, torch.ones(3))
+    assert sampling.with_guidance(other, 4.0, 0.0, 1.0, torch.ones(3)) == (other, None)   # options off: core's path
 
 
 @pytest.mark.parametrize("variant,steps,cfg,lora,expected", [
