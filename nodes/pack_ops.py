@@ -154,12 +154,19 @@ class ScaledFP8Linear(PackOps.Linear):
             return weight / self.weight_scale(weight.device)
         import comfy.float
         with torch.no_grad():   # ComfyUI patches under inference mode; a script or test calling it may not
-            # the file's scale, or a larger one where the LoRA took the weight past its range (else it would clip)
-            scale = torch.maximum(self.scale_weight.to(weight.device, torch.float32),
-                                  weight.abs().amax().float() / quant.FP8_MAX)
+            if inplace_update:
+                # core's weight hooks copy their backup back into this same Parameter: the scale cannot change
+                # (values past its range saturate, as in core's own scaled fp8 Linear)
+                scale = self.weight_scale(weight.device)
+            else:
+                # the file's scale, or a larger one where the LoRA took the weight past its range
+                scale = torch.maximum(self.scale_weight.to(weight.device, torch.float32),
+                                      weight.abs().amax().float() / quant.FP8_MAX)
             stored = comfy.float.stochastic_rounding(weight.float() / scale, self.weight.dtype, seed=seed or 0)
-        # a new Parameter even where an in-place update is asked: the backup core restores must stay the old one
-        self.weight = torch.nn.Parameter(stored, requires_grad=False)
+            if inplace_update:
+                self.weight.data.copy_(stored)
+                return
+        self.weight = torch.nn.Parameter(stored, requires_grad=False)     # core keeps the old one as its backup
         self._patched = (weakref.ref(self.weight), scale.reshape(()))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -199,6 +199,30 @@ def test_fp8_fast_multiplies_a_scaled_weight_with_its_scale(monkeypatch, mode):
     assert rel_err(cast.float(), x.float() @ real.t())[1] <= 1e-2
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["lora", "weight_hook"])
+def test_a_scaled_layer_patched_and_restored_as_core_does(inplace):
+    """core bakes a LoRA through set_weight and restores the layer from its backup: a LoRA load sets a new
+    Parameter and restores another (set_attr_param), so the patched weight may get a larger scale; weight hooks
+    (scheduled LoRAs) patch in place and copy the backup into the same Parameter, so the scale stays."""
+    ops, linear = fp8_linear(seed=4, fast=False)
+    import comfy.utils
+    ops.keep_scale(linear, torch.tensor(2.0 ** -9))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before = linear(x)
+        backup = linear.weight.detach().clone()
+        real = linear.convert_weight(linear.weight.float(), inplace=True)        # fp8 values times the scale
+        target = real + 0.5 * torch.randn_like(real)         # past the range of the scale (448 * 2^-9 = 0.875)
+        linear.set_weight(target, inplace_update=inplace, seed=0)
+        if not inplace:                                      # a scale of its own: fp8 rounding of the patch only
+            assert rel_err(linear(x), x @ target.t())[1] <= 0.07
+        if inplace:
+            comfy.utils.copy_to_param(linear, "weight", backup)
+        else:
+            comfy.utils.set_attr_param(linear, "weight", backup)
+        assert torch.equal(linear(x), before)
+
+
 def test_fp8_fast_falls_back_once_when_the_gpu_refuses(monkeypatch, caplog):
     ops, fast = fp8_linear(seed=2)
     _, plain = fp8_linear(seed=2, fast=False)
