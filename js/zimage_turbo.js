@@ -58,7 +58,7 @@ function setWidget(node, name, value) {
     const w = widget(node, name);
     if (!w) return false;
     w.value = value;
-    try { w.callback?.(value, app.canvas, node); } catch (e) { console.warn("[Z-Image Turbo]", e); }
+    try { w.callback?.(value, app.canvas, node); } catch (e) { console.warn("[Z-Image]", e); }
     return true;
 }
 
@@ -254,7 +254,7 @@ function chain(proto, name, fn) {
     const original = proto[name];
     proto[name] = function (...args) {
         const result = original?.apply(this, args);
-        try { fn.apply(this, args); } catch (e) { console.warn("[Z-Image Turbo]", name, e); }
+        try { fn.apply(this, args); } catch (e) { console.warn("[Z-Image]", name, e); }
         return result;
     };
 }

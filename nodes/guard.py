@@ -56,7 +56,7 @@ def run_guarded(what: str, remedy: str, fn: Callable[..., T], *args, **kwargs) -
     # Outside the except block Python has dropped the exception, its traceback and the frames that held the
     # failed call's activations; only now can emptying the cache actually give that memory back.
     release_memory()
-    log.warning("Z-Image Turbo: out of memory while %s; unloaded the models and emptied the cache", what)
+    log.warning("Z-Image: out of memory while %s; unloaded the models and emptied the cache", what)
     raise PackOutOfMemory(f"out of memory while {what} ({failure}). The pack released the memory and unloaded "
                           f"the models, so the next run starts clean. To make it fit: {remedy}")
 

@@ -70,7 +70,7 @@ class ZImageTurboSize:
         return {"required": {
             "aspect": ([*ASPECTS, CUSTOM], {"default": "1:1", "tooltip": "Width:height of the image; 'custom' uses "
                                                                          "the width and height inputs."}),
-            "base": (BASES, {"default": 1024, "tooltip": "About base x base pixels in total; 1024 is Turbo's "
+            "base": (BASES, {"default": 1024, "tooltip": "About base x base pixels in total; 1024 is Z-Image's "
                                                          "native size, larger costs time and memory."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
         }, "optional": {          # optional, so API prompts written before they existed stay valid
@@ -122,7 +122,7 @@ class ZImageTurboVAEDecode:
         channels = getattr(vae, "latent_channels", None)
         if latent.ndim != 4 or (channels is not None and latent.shape[1] != channels):
             raise ValueError(f"samples has shape {list(latent.shape)}, this VAE decodes (batch, {channels}, height/8, "
-                             f"width/8): connect the Z-Image Turbo Sampler's (or KSampler's) output, not an empty "
+                             f"width/8): connect the Z-Image Sampler's (or KSampler's) output, not an empty "
                              f"latent or one from another model")
         d = FLUX_LATENT.downscale
         with watch_decoder(vae) as nonfinite:

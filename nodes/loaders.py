@@ -13,7 +13,7 @@ from .core_clip import load_clip
 from .core_model import load_model
 from .core_vae import load_vae
 
-CATEGORY = "Z-Image Turbo"
+CATEGORY = "Z-Image"
 DTYPES = ["auto", *NAMED, FP8_NAME, FP8_FAST_NAME]
 DTYPE_TIP = ("Precision of the diffusion model and text encoder. auto: bf16 on GPUs that have it (RTX 30xx and "
              "newer), fp16 with an overflow guard on older GPUs, fp32 on CPU. fp8_e4m3fn stores the diffusion "
@@ -48,14 +48,15 @@ class _LoaderNode:
 
 
 class ZImageTurboLoader(_LoaderNode):
-    DESCRIPTION = ("Loads Z-Image-Turbo from ComfyUI's split files (diffusion model bf16 or fp8, Qwen3-4B text "
-                   "encoder, Flux VAE) as ComfyUI's own Z-Image model, text encoder and VAE: every core node works with them.")
+    DESCRIPTION = ("Loads Z-Image (Turbo or Base) from ComfyUI's split files (diffusion model bf16 or fp8, Qwen3-4B "
+                   "text encoder, Flux VAE) as ComfyUI's own Z-Image model, text encoder and VAE: every core node "
+                   "works with them.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "unet_name": (folder_paths.get_filename_list("diffusion_models"),
-                          {"tooltip": "The diffusion model, e.g. z_image_turbo_bf16.safetensors, in "
+                          {"tooltip": "The diffusion model, e.g. z_image_turbo_bf16.safetensors or a Base file, in "
                                       "models/diffusion_models."}),
             "clip_name": (folder_paths.get_filename_list("text_encoders"),
                           {"tooltip": "The Qwen3-4B text encoder, qwen_3_4b.safetensors, in models/text_encoders."}),
@@ -71,14 +72,14 @@ class ZImageTurboLoader(_LoaderNode):
 
 
 class ZImageTurboCheckpointLoader(_LoaderNode):
-    DESCRIPTION = ("Loads an all-in-one Z-Image-Turbo checkpoint (diffusion model, text encoder and VAE in one "
-                   "file, from models/checkpoints) as ComfyUI's own Z-Image model, text encoder and VAE.")
+    DESCRIPTION = ("Loads an all-in-one Z-Image checkpoint, Turbo or Base (diffusion model, text encoder and VAE "
+                   "in one file, from models/checkpoints) as ComfyUI's own Z-Image model, text encoder and VAE.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "ckpt_name": (folder_paths.get_filename_list("checkpoints"),
-                          {"tooltip": "An all-in-one Z-Image-Turbo .safetensors in models/checkpoints."}),
+                          {"tooltip": "An all-in-one Z-Image (Turbo or Base) .safetensors in models/checkpoints."}),
             "weight_dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TIP}),
         }}
 
@@ -99,7 +100,7 @@ def diffusers_folders() -> dict[str, Path]:
 
 
 class ZImageTurboDiffusersLoader(_LoaderNode):
-    DESCRIPTION = ("Loads a Z-Image-Turbo diffusers folder (transformer/ shards, text_encoder/, vae/, "
+    DESCRIPTION = ("Loads a Z-Image diffusers folder, Turbo or Base (transformer/ shards, text_encoder/, vae/, "
                    "tokenizer/) from models/diffusers as ComfyUI's own Z-Image model, text encoder and VAE (the text is tokenized by ComfyUI's Qwen tokenizer, the same vocabulary).")
 
     @classmethod

@@ -146,7 +146,9 @@ def generation_info(prompt, unique_id, image_size: tuple[int, int]) -> dict:
         info["cfg"] = graph.scalar(sampler, "cfg")
         info["seed"] = graph.scalar(sampler, "noise_seed" if kind == "KSamplerAdvanced" else "seed")
         if kind == TURBO_SAMPLER:
-            info["sampler"] = "Euler (Z-Image Turbo)"
+            # the variant the sampler was told (the files carry no tag); prompts from before it existed: turbo
+            base = graph.scalar(sampler, "variant") == "base"
+            info["sampler"] = f"Euler (Z-Image {'Base' if base else 'Turbo'})"
             info["shift"] = graph.scalar(sampler, "shift")
         else:
             name, schedule = graph.scalar(sampler, "sampler_name"), graph.scalar(sampler, "scheduler")
@@ -231,7 +233,7 @@ class ZImageTurboSaveImage:
             info = generation_info(prompt, unique_id, (width, height))
             parameters = a1111_parameters(info)
         except Exception:                                      # metadata must never cost the user the image
-            log.warning("Z-Image Turbo Save Image: could not read the parameters from the workflow; saving "
+            log.warning("Z-Image Save Image: could not read the parameters from the workflow; saving "
                         "with the size only", exc_info=True)
             info = {"width": width, "height": height}
             parameters = a1111_parameters(info)

@@ -99,7 +99,7 @@ class ZImageTurboCompile:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A Z-Image model; to the Z-Image Turbo Sampler or core KSampler, after "
+            "model": ("MODEL", {"tooltip": "A Z-Image model; to the Z-Image Sampler or core KSampler, after "
                                            "any LoRA."}),
         }}
 

@@ -24,10 +24,10 @@ from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "output" / "browser"
 PACK = "comfyui_zimage_turbo"
-PACK_NODES = {"ZImageTurboLoader": "Z-Image Turbo Loader", "ZImageTurboCheckpointLoader": "Z-Image Turbo Checkpoint Loader",
-              "ZImageTurboSampler": "Z-Image Turbo Sampler", "ZImageTurboVAEDecode": "Z-Image Turbo VAE Decode",
-              "ZImageTurboSize": "Z-Image Turbo Size", "ZImageTurboSaveImage": "Z-Image Turbo Save Image",
-              "ZImageTurboCompile": "Z-Image Turbo Compile"}
+PACK_NODES = {"ZImageTurboLoader": "Z-Image Loader", "ZImageTurboCheckpointLoader": "Z-Image Checkpoint Loader",
+              "ZImageTurboSampler": "Z-Image Sampler", "ZImageTurboVAEDecode": "Z-Image VAE Decode",
+              "ZImageTurboSize": "Z-Image Size", "ZImageTurboSaveImage": "Z-Image Save Image",
+              "ZImageTurboCompile": "Z-Image Compile"}
 APP = "window.comfyAPI.app.app"
 WARN_RGB = (0x5A, 0x1E, 0x1E)          # the cfg hint's fill colour in js/zimage_turbo.js
 INFO_RGB = (0x1E, 0x3A, 0x2A)          # the run-info tag's fill colour
@@ -174,12 +174,12 @@ def test_pack_nodes_are_registered_and_found_by_the_node_search(page):
         except Exception:  # noqa: BLE001  (playwright's TimeoutError; the last attempt's error is raised below)
             if attempt == 2:
                 raise
-    box.fill("Z-Image Turbo")
+    box.fill("Z-Image")
     page.wait_for_timeout(1500)
     # every list the search shows (frontends differ in which element holds the results)
     listed = "\n".join(page.get_by_role("listbox").all_inner_texts() + page.get_by_role("option").all_inner_texts())
     found = [title for title in PACK_NODES.values() if title in listed]
-    assert "Z-Image Turbo Sampler" in found and "Z-Image Turbo Save Image" in found, listed[:2000]
+    assert "Z-Image Sampler" in found and "Z-Image Save Image" in found, listed[:2000]
 
 
 def test_bundled_workflow_loads_with_every_node_known(page):

@@ -262,7 +262,7 @@ BAD_RUNS = [       # accepted, then an execution_error from the node that can te
     Case("cfg-2-without-negative", lambda wf: (put("10", cfg=2.0)(wf), drop("10", "negative")(wf)),
          "ZImageTurboSampler", "cfg", ["negative", "set cfg to 1"], True),
     Case("decode-an-empty-latent", put("8", samples=["5", 0]), "ZImageTurboVAEDecode", "samples",
-         ["connect the Z-Image Turbo Sampler"], True),
+         ["connect the Z-Image Sampler"], True),
     Case("encode-an-8px-image", lambda wf: (
         wf.update({"30": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
                    "31": {"class_type": "ZImageTurboVAEEncode", "inputs": {"pixels": ["30", 0], "vae": ["3", 2]}}}),

@@ -1,4 +1,4 @@
-"""Z-Image Turbo Save Image in a real ComfyUI (0.30.0 and 0.3.75): the PNG keeps ComfyUI's own `prompt` and
+"""Z-Image Save Image in a real ComfyUI (0.30.0 and 0.3.75): the PNG keeps ComfyUI's own `prompt` and
 `workflow` chunks and gains an A1111 `parameters` chunk whose values come from the graph that made it."""
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def png_text(server: ComfyServer, entry: dict) -> tuple[Image.Image, dict]:
 
 def test_save_node_is_listed_with_tooltips_and_a_description(server):
     node = server.object_info()["ZImageTurboSaveImage"]
-    assert node["display_name"] == "Z-Image Turbo Save Image" and node["category"] == "Z-Image Turbo"
+    assert node["display_name"] == "Z-Image Save Image" and node["category"] == "Z-Image"
     assert node["output_node"] is True and "parameters" in node["description"]
     assert all(spec[1].get("tooltip") for spec in node["input"]["required"].values())
     assert set(node["input"]["hidden"]) == {"prompt", "extra_pnginfo", "unique_id"}
@@ -189,6 +189,14 @@ def test_values_through_links_and_quoting(save):
     assert prompt == "a cat" and negative is None
     assert params["Model"] == "my, model" and params["Denoise"] == "0.6" and params["Seed"] == "987654321"
     assert 'Model: "my, model"' in text              # a value holding a comma is quoted, as A1111 does
+
+
+@pytest.mark.parametrize("variant, label", [(None, "Turbo"), ("turbo", "Turbo"), ("base", "Base")])
+def test_the_sampler_line_names_the_variant_it_ran(save, variant, label):
+    """The sampler runs Turbo and Base: the PNG says which the sampler was told (a prompt from before the
+    variant input existed ran Turbo's defaults)."""
+    graph = save_node_graph(**({"variant": variant} if variant else {}))
+    assert save.generation_info(graph, "6", (10, 10))["sampler"] == f"Euler (Z-Image {label})"
 
 
 def test_a_value_computed_by_another_node_is_left_out(save):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree, write_diffusers_folder
+from conftest import REPO, comfyui_tree, import_pack, write_diffusers_folder
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
@@ -18,6 +18,23 @@ PACK_NODES = ["ZImageTurboLoader", "ZImageTurboCheckpointLoader", "ZImageTurboDi
               "ZImageTurboSampler", "ZImageTurboVAEDecode", "ZImageTurboVAEEncode", "ZImageTurboSize",
               "ZImageTurboSaveImage", "ZImageLoraLoader", "ZImageFunControlnetScheduled"]
 WORKFLOWS = sorted(p.name for p in (REPO / "workflows").glob("*_api.json"))
+
+
+def test_names_say_z_image_and_the_node_ids_stay():
+    """Every node runs Turbo and Base: display names, the category, descriptions and tooltips never call the
+    pack's nodes or models Turbo-only; the node ids, which saved workflows name, stay as they were."""
+    pack = import_pack("nodes")
+    assert set(pack.NODE_CLASS_MAPPINGS) == {*PACK_NODES, "ZImageTurboCompile", "ZImageInpaintEncode"}
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(pack.NODE_CLASS_MAPPINGS)
+    assert all(name.startswith("Z-Image ") and "Turbo" not in name
+               for name in pack.NODE_DISPLAY_NAME_MAPPINGS.values()), pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert {cls.CATEGORY for cls in pack.NODE_CLASS_MAPPINGS.values()} == {"Z-Image"}
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        inputs = {k: v for group in cls.INPUT_TYPES().values() for k, v in group.items()}
+        texts = [cls.DESCRIPTION] + [spec[1].get("tooltip", "") for spec in inputs.values()
+                                   if isinstance(spec, tuple) and len(spec) > 1]
+        wrong = [t for t in texts if "Z-Image Turbo" in t or "Z-Image-Turbo " in t or "turbo sampler" in t]
+        assert not wrong, f"{node_id}: {wrong}"
 
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
@@ -120,7 +137,7 @@ def test_every_node_is_listed_with_tooltips_and_a_description(server):
     info = server.object_info()
     for node_id in PACK_NODES:
         node = info[node_id]
-        assert node["category"] == "Z-Image Turbo" and node["description"]
+        assert node["category"] == "Z-Image" and node["description"]
         inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
         untipped = [name for name, spec in inputs.items() if not (len(spec) > 1 and spec[1].get("tooltip"))]
         assert not untipped, f"{node_id}: inputs without a tooltip: {untipped}"
