@@ -1,12 +1,13 @@
 """The example workflows in example_workflows/: each graph written once here, in API format, and turned into the
 canvas format ComfyUI's template browser loads (with titles and notes a user needs).
 
-    python scripts/example_workflows.py OBJECT_INFO_JSON     # rewrites example_workflows/*.json and api/*.json
+    python scripts/example_workflows.py OBJECT_INFO_JSON     # rewrites example_workflows/NAME.json, workflows/NAME_api.json
     python scripts/example_workflows.py --pictures           # docs/images/NAME.png and the NAME.jpg thumbnails
 
 ComfyUI lists every example_workflows/*.json of a pack in Workflow > Browse Templates (a same-named .jpg is its
-thumbnail) and loads it onto the canvas, so only canvas files sit at the top; the API twins (for /prompt and
-scripts) are in example_workflows/api/, which the template browser does not list. The widget values of a canvas
+thumbnail) and loads it onto the canvas, so only canvas files sit there; the API twins (for /prompt, the batch
+client and scripts) are workflows/NAME_api.json. ComfyUI serves only the first of a pack's workflow folders it
+finds (example_workflows/ before workflows/), so every canvas file of the pack lives in example_workflows/. The widget values of a canvas
 file are positional, so the conversion needs the nodes' /object_info (scripts/ui_workflows.py).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ui_workflows import to_api, to_ui  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "example_workflows"
+API = REPO / "workflows"                     # NAME_api.json: the API twins
 
 # The released files (Comfy-Org/z_image_turbo, Comfy-Org/z_image, alibaba-pai's Fun ControlNet Union 1.0).
 TURBO_DIT, BASE_DIT = "z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors"
@@ -273,14 +275,13 @@ def changed_inputs(before: dict, after: dict) -> set[tuple[str, str]]:
 
 def main(object_info_path: str) -> None:
     object_info = json.loads(Path(object_info_path).read_text())
-    (OUT / "api").mkdir(parents=True, exist_ok=True)
     for name in WORKFLOWS:
         api, titles, notes = graphs(name)
         plain = {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in api.items()}
         ui = canvas(plain, titles, notes, object_info)
         assert api_of_canvas(ui, object_info) == plain, name
         (OUT / f"{name}.json").write_text(json.dumps(ui, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        (OUT / "api" / f"{name}.json").write_text(json.dumps(api, ensure_ascii=False, indent=1) + "\n",
+        (API / f"{name}_api.json").write_text(json.dumps(api, ensure_ascii=False, indent=1) + "\n",
                                                   encoding="utf-8")
         print(OUT / f"{name}.json")
 
@@ -311,7 +312,7 @@ def pictures(version: str = "0.30.0", size: int = 256) -> None:
             link(fixture_files() / name, base / "models" / sub / name)
         with ComfyServer(version, base) as srv:
             for name in WORKFLOWS:
-                api = t.plain(json.loads((OUT / "api" / f"{name}.json").read_text(encoding="utf-8")))
+                api = t.plain(json.loads((API / f"{name}_api.json").read_text(encoding="utf-8")))
                 files = t.CONTROL_FILES if name == "zimage_turbo_controlnet" else t.FILES
                 wf = for_tiny_weights(api, files, t.INPUT_IMAGE.get(name, "tiny_photo.png"), size, max_steps=50,
                                       tile=size // 2,

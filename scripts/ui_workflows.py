@@ -1,8 +1,10 @@
 """API-format workflows <-> the canvas (LiteGraph) format that ComfyUI's template browser loads.
 
-    python scripts/ui_workflows.py OBJECT_INFO_JSON [NAME...]   # writes workflows/NAME.json from NAME_api.json
+    python scripts/ui_workflows.py OBJECT_INFO_JSON [NAME...]   # example_workflows/NAME.json from workflows/NAME_api.json
 
-Both live in workflows/, which ComfyUI serves to its template browser (one folder, so every listed file loads).
+The canvas files live in example_workflows/, which ComfyUI serves to its template browser; the API twins in
+workflows/ (for /prompt and the batch client). The example workflows' canvases, with their notes and titles, are
+written by scripts/example_workflows.py instead.
 
 The canvas format stores widget values by position (the node's widget inputs in INPUT_TYPES order, plus the
 'control after generate' value after a seed), so the conversion needs the nodes' /object_info.
@@ -125,11 +127,14 @@ def to_api(ui: dict, object_info: dict) -> dict:
 
 
 def main(object_info_path: str, *names: str) -> None:
-    """Convert every workflows/*_api.json, or only those named (e.g. ecommerce_turbo)."""
+    """Convert every workflows/*_api.json into example_workflows/NAME.json, or only those named (e.g.
+    ecommerce_turbo)."""
     object_info = json.loads(Path(object_info_path).read_text())
-    out = REPO / "workflows"
+    out = REPO / "example_workflows"              # the folder ComfyUI serves to its template browser
+    from example_workflows import WORKFLOWS as WITH_NOTES
     for path in sorted((REPO / "workflows").glob("*_api.json")):
-        if names and path.name.removesuffix("_api.json") not in names:
+        name = path.name.removesuffix("_api.json")
+        if (names and name not in names) or name in WITH_NOTES:
             continue
         api = json.loads(path.read_text(encoding="utf-8"))
         target = out / path.name.replace("_api.json", ".json")

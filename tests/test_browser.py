@@ -100,7 +100,7 @@ def page(server, browser, request):
 
 
 def load_bundled_workflow(page) -> None:
-    """Load workflows/ecommerce_turbo.json as the template browser does: fetched from ComfyUI's template route."""
+    """Load example_workflows/ecommerce_turbo.json as the template browser does: fetched from ComfyUI's template route."""
     page.evaluate(f"""async () => {{
         const r = await fetch('/api/workflow_templates/{PACK}/ecommerce_turbo.json');
         await {APP}.loadGraphData(await r.json());

@@ -58,7 +58,7 @@ def test_variant_preset_sets_steps_and_cfg_and_the_canvas_warns(page):
 def test_a_canvas_workflow_saved_before_the_new_inputs_loads_with_their_defaults(page):
     """widgets_values without variant / cfg_normalization / cfg_truncation (as every workflow saved before them):
     the values it has stay where they were, the new ones take their defaults, and loading applies no preset."""
-    wf = json.loads((REPO / "workflows" / "ecommerce_turbo.json").read_text(encoding="utf-8"))
+    wf = json.loads((REPO / "example_workflows" / "ecommerce_turbo.json").read_text(encoding="utf-8"))
     node = next(n for n in wf["nodes"] if n["type"] == "ZImageTurboSampler")
     node["widgets_values"] = [777, "fixed", 12, 1.0, 3.0, 1.0]
     page.evaluate(f"async (wf) => {APP}.loadGraphData(wf)", wf)

@@ -18,12 +18,12 @@ from conftest import REPO, RUNTIME, comfyui_tree
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
-from example_workflows import (BASE_DIT, CUT, FUN_CONTROLNET, NOTE_TYPES, TEXT_ENCODER, TURBO_DIT, VAE,  # noqa: E402
-                               api_of_canvas, changed_inputs, for_tiny_weights)
+from example_workflows import (API, BASE_DIT, CUT, FUN_CONTROLNET, NOTE_TYPES, TEXT_ENCODER, TURBO_DIT, VAE,  # noqa: E402
+                               WORKFLOWS, api_of_canvas, changed_inputs, for_tiny_weights)
 
 PACK = "comfyui_zimage_turbo"
 FOLDER = REPO / "example_workflows"
-NAMES = sorted(p.stem for p in FOLDER.glob("*.json"))
+NAMES = sorted(WORKFLOWS)                              # the e-commerce pair: tests/test_server.py
 SIZE = 64
 TINY = "z_image_turbo_tiny"
 WIDE = "zt_wide_bf16.safetensors"                      # the ControlNet needs core's fixed width (dim 3840)
@@ -37,7 +37,7 @@ TIMES: dict[str, float] = {}
 
 def shipped(name: str) -> tuple[dict, dict]:
     ui = json.loads((FOLDER / f"{name}.json").read_text(encoding="utf-8"))
-    api = json.loads((FOLDER / "api" / f"{name}.json").read_text(encoding="utf-8"))
+    api = json.loads((API / f"{name}_api.json").read_text(encoding="utf-8"))
     return ui, api
 
 
@@ -90,11 +90,15 @@ def server(request, tmp_path_factory):
 
 def test_every_workflow_has_an_api_twin_a_thumbnail_and_the_released_files():
     assert len(NAMES) == 6, NAMES
-    assert sorted(p.stem for p in (FOLDER / "api").glob("*.json")) == NAMES
+    canvases = sorted(p.stem for p in FOLDER.glob("*.json"))
+    assert set(NAMES) <= set(canvases)
+    for name in canvases:            # every canvas file the template browser lists has its twin and thumbnail
+        assert (API / f"{name}_api.json").is_file(), f"workflows/{name}_api.json is missing"
+        assert Image.open(FOLDER / f"{name}.jpg").format == "JPEG", name
     for name in NAMES:
         ui, api = shipped(name)
         assert "nodes" in ui and "links" in ui, f"{name}.json is not a canvas workflow"
-        assert all("class_type" in node for node in api.values()), f"api/{name}.json is not an API workflow"
+        assert all("class_type" in node for node in api.values()), f"workflows/{name}_api.json is not an API workflow"
         thumb = Image.open(FOLDER / f"{name}.jpg")      # the template browser's thumbnail: NAME.jpg
         assert thumb.format == "JPEG" and min(thumb.size) >= 64
         assert any(n["type"] in NOTE_TYPES for n in ui["nodes"]), f"{name}: no note for the user"
