@@ -4,6 +4,7 @@ node has no such inputs. Core builds the patch (all three layouts it loads: Unio
 inpaint image, mask); the pack wraps it so that outside the range it leaves the image tokens as they are."""
 from __future__ import annotations
 
+from .core_model import zimage_dit
 from .loaders import CATEGORY
 
 PATCH_KINDS = ("noise_refiner", "double_block")
@@ -93,6 +94,7 @@ class ZImageFunControlnetScheduled:
 
     def apply(self, model, model_patch, vae, strength, start_percent, end_percent, image=None, inpaint_image=None,
               mask=None):
+        zimage_dit(model, "Z-Image Fun ControlNet (start/end)")
         if start_percent > end_percent:
             raise ValueError(f"start_percent {start_percent} is after end_percent {end_percent}: set start below end")
         (patched,) = core_fun_controlnet().diffsynth_controlnet(model, model_patch, vae, image=image, strength=strength,

@@ -308,9 +308,9 @@ def lumina2_stand_in(model):
                                                              diffusion_model=model.model.diffusion_model))
 
 
-@pytest.mark.parametrize("node", ["sampler", "lora", "compile"])
+@pytest.mark.parametrize("node", ["sampler", "lora", "compile", "controlnet"])
 def test_every_model_input_runs_the_one_z_image_check(parts, node, tmp_path):
-    """The sampler, the LoRA loader and the compile node refuse another model with the same words: the node,
+    """The sampler, the LoRA loader, the compile node and the scheduled ControlNet refuse another model with the same words: the node,
     what came in (core's Lumina 2 builds the very same NextDiT class: its model config tells them apart), and
     what to connect; the pack's MODEL passes the same check."""
     core_model = import_pack("nodes.core_model")
@@ -323,9 +323,13 @@ def test_every_model_input_runs_the_one_z_image_check(parts, node, tmp_path):
     elif node == "lora":
         name = "Z-Image LoRA Loader"
         run = lambda: import_pack("nodes.lora").ZImageLoraLoader().load(other, "none.safetensors", 1.0)  # noqa: E731
-    else:
+    elif node == "compile":
         name = "Z-Image Compile"
         run = lambda: import_pack("nodes.speed").ZImageTurboCompile().patch(other)  # noqa: E731
+    else:
+        name = "Z-Image Fun ControlNet \\(start/end\\)"
+        run = lambda: import_pack("nodes.controlnet").ZImageFunControlnetScheduled().apply(  # noqa: E731
+            other, None, None, 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match=f"^{name}: model is a Lumina2 model, not a Z-Image model: connect the "
                                          f"MODEL of a Z-Image loader"):
         run()
@@ -450,6 +454,10 @@ def test_core_lora_loading_patches_the_loaders_model(loaders, tiny_files, fmt, c
     """core's LoRA loading (what LoraLoader runs) on the loaders' MODEL: every key of the file is mapped, and
     each patched weight is the original plus up @ down, checked by hand on the rows the key targets."""
     import comfy.sd
+    import comfyui_version
+    if fmt in ("diffusers-peft", "diffsynth") and comfyui_version.__version__ == "0.3.75":
+        pytest.skip(f"core ComfyUI 0.3.75 maps no {fmt} keys for Z-Image (on its own model either); the pack's "
+                    "ZImageLoraLoader does (tests/test_lora.py)")
     # not loaded by a sampler yet
     model = loaders.load_parts(tiny_files.dit, tiny_files.text_encoder, tiny_files.vae, "auto")[0]
     dim = model.model.diffusion_model.dim
