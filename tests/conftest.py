@@ -58,6 +58,17 @@ def tiny_files(tmp_path_factory):
     return synthetic.write_split_files(tmp_path_factory.mktemp("tiny_models"), dtype=torch.float32)
 
 
+def released_like(module: torch.nn.Module, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Random bf16 weights with a (meta) module's names and shapes, std `std`, norm weights around 1: a file in a
+    released layout, for models whose classes only core or diffusers builds (the Fun ControlNet's)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in module.state_dict().items():
+        noise = torch.randn(t.shape, generator=g) * std
+        out[name] = (1 + noise if "norm" in name and name.endswith("weight") else noise).to(torch.bfloat16)
+    return out
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(max abs error, max abs error / max abs reference)."""
     diff = (ours.double() - ref.double()).abs().max().item()

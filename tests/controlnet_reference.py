@@ -61,14 +61,10 @@ def release_weights(layout: str, seed: int) -> dict[str, torch.Tensor]:
     """Random bf16 weights with the released file's names and shapes for `layout` (std 0.02, norm weights around
     1, as tests/test_core_nodes.py's Union 1.0 fixture)."""
     from diffusers import ZImageControlNetModel
+    from conftest import released_like
     with torch.device("meta"):
         model = ZImageControlNetModel(**LAYOUTS[layout])
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in model.state_dict().items():
-        noise = torch.randn(t.shape, generator=g) * 0.02
-        out[name] = (1 + noise if "norm" in name and name.endswith("weight") else noise).to(torch.bfloat16)
-    return out
+    return released_like(model, seed)
 
 
 def write_release_file(path: Path, layout: str, seed: int = 23) -> None:

@@ -54,14 +54,10 @@ def controlnet_weights(seed: int = 22) -> dict[str, torch.Tensor]:
     import_comfy()
     import comfy.ldm.lumina.controlnet as controlnet
     import comfy.ops
+    from conftest import released_like
     with torch.device("meta"):
         module = controlnet.ZImage_Control(operations=comfy.ops.disable_weight_init, device="meta")
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in module.state_dict().items():
-        noise = torch.randn(t.shape, generator=g) * 0.02
-        out[name] = (1 + noise if "norm" in name and name.endswith("weight") else noise).to(torch.bfloat16)
-    return out
+    return released_like(module, seed)
 
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
