@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -305,16 +306,25 @@ def test_ctrl_c_stops_the_batch_and_its_prompts_on_the_server(server, tmp_path):
         {"prompt": "next", "seed": 2, "width": 64, "height": 64, "steps": 1, "filename_prefix": "cancel_next"}])
     out = tmp_path / "out"
     workflow = gated_workflow(tmp_path / "gated.json")
+    # faulthandler: a client that hangs after the Ctrl-C is made to print where each of its threads stands
     client = subprocess.Popen([*COMMAND, "--server", server.url, "--workflow", str(workflow), "--jobs", str(jobs),
-                               "--out", str(out), "--progress", "off"],
+                               "--out", str(out), "--progress", "off"], env={**os.environ, "PYTHONFAULTHANDLER": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.monotonic() + 60
         while not (server.get("/queue")["queue_running"] and server.get("/queue")["queue_pending"]):
             assert time.monotonic() < deadline and client.poll() is None, client.communicate()
             time.sleep(0.05)
+        signalled = time.monotonic()
         client.send_signal(signal.SIGINT)
-        stdout, stderr = client.communicate(timeout=60)
+        try:
+            stdout, stderr = client.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            client.send_signal(signal.SIGABRT)
+            stdout, stderr = client.communicate(timeout=30)
+            pytest.fail(f"the client still ran 60 s after Ctrl-C; its threads then:\n{stderr[-6000:]}\n{stdout[-2000:]}"
+                        f"\nserver:\n{server.log_tail(40)}")
+        print(f"Ctrl-C to exit: {time.monotonic() - signalled:.1f} s")
     finally:
         client.kill()
     assert client.returncode == 130, stdout + stderr

@@ -15,6 +15,7 @@ import requests
 import websocket
 
 HTTP_TIMEOUT = 30          # seconds for one HTTP exchange; a job's own run time is watched separately
+CANCEL_TIMEOUT = 5         # seconds for each cancelling call after a Ctrl-C
 GATEWAY = (502, 503, 504)  # a proxy in front of ComfyUI answering while ComfyUI itself is down or restarting
 # a lost or refused connection, nothing else: an HTTP error answer is a real answer and is never retried
 LOST = (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError,
@@ -133,10 +134,12 @@ class ComfyClient:
 
     def cancel(self, prompt_ids: list[str], patient: bool = True) -> None:
         """Drop these prompts from the queue, then stop the one running. In this order, so the server cannot
-        start a waiting one in between. Not patient (on Ctrl-C): one try each, the user wants the command back."""
-        calls = [lambda: self.session.post(self.base + "/queue", json={"delete": prompt_ids}, timeout=HTTP_TIMEOUT)]
+        start a waiting one in between. Not patient (on Ctrl-C): one short try each, the user wants the command
+        back within seconds even from a server that has stopped answering."""
+        timeout = HTTP_TIMEOUT if patient else CANCEL_TIMEOUT
+        calls = [lambda: self.session.post(self.base + "/queue", json={"delete": prompt_ids}, timeout=timeout)]
         calls += [lambda prompt_id=prompt_id: self.session.post(
-            self.base + "/interrupt", json={"prompt_id": prompt_id}, timeout=HTTP_TIMEOUT) for prompt_id in prompt_ids]
+            self.base + "/interrupt", json={"prompt_id": prompt_id}, timeout=timeout) for prompt_id in prompt_ids]
         for call in calls:
             if patient:
                 self.retrying("cancelling prompts", call)
