@@ -306,9 +306,13 @@ def test_ctrl_c_stops_the_batch_and_its_prompts_on_the_server(server, tmp_path):
         {"prompt": "next", "seed": 2, "width": 64, "height": 64, "steps": 1, "filename_prefix": "cancel_next"}])
     out = tmp_path / "out"
     workflow = gated_workflow(tmp_path / "gated.json")
-    # faulthandler: a client that hangs after the Ctrl-C is made to print where each of its threads stands
+    # faulthandler: a client that hangs after the Ctrl-C is made to print where each of its threads stands.
+    # SIGINT back to its default in the client: a test run started in the background of a non-interactive shell
+    # (`cmd &`, as a CI runner may) ignores SIGINT, children inherit that, and Python then never sees the Ctrl-C
+    # (seen: the client ran on 60 s after it, receiving from its WebSocket).
     client = subprocess.Popen([*COMMAND, "--server", server.url, "--workflow", str(workflow), "--jobs", str(jobs),
                                "--out", str(out), "--progress", "off"], env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.monotonic() + 60
