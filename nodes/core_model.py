@@ -24,7 +24,7 @@ from ..zimage_core.config import DiTConfig
 from ..zimage_core.errors import CheckpointMismatch
 from ..zimage_core.loading import FP8_DTYPES, prepare_dit
 from ..zimage_core.precision import FP8_NAME, choose_dtypes
-from ..zimage_core.quant import FP8, block_linears
+from ..zimage_core.quant import BLOCKS, FP8, block_linears
 from . import pack_ops
 
 log = logging.getLogger("ZImageTurbo")
@@ -36,7 +36,7 @@ log = logging.getLogger("ZImageTurbo")
 MEMORY_USAGE_FACTOR = 2.8
 # 0.3.75's NextDiT has an unused final RMSNorm that no file holds; forward never reads it.
 UNUSED_CORE_KEYS = {"norm_final.weight"}
-BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
+BLOCK_LISTS = tuple(prefix.rstrip(".") for prefix in BLOCKS)      # the DiT's block lists, by attribute
 LOADER_HINT = ("connect the MODEL of a Z-Image loader (the pack's, or core's Load Diffusion Model with a Z-Image "
                "file), after any LoRA or patch nodes")
 

@@ -258,7 +258,7 @@ class ZImageTurboSampler:
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = sigma_schedule(steps, shift, denoise)
         model, truncation = with_guidance(model, cfg, cfg_normalization, cfg_truncation, sigmas)
-        sampler = comfy.samplers.KSAMPLER(euler_flow, extra_options={"truncation": truncation} if truncation else {})
+        sampler = comfy.samplers.KSAMPLER(euler_flow, extra_options={"truncation": truncation})
         # at cfg 1 core never evaluates the negative (its cfg-1 shortcut); an empty list stands for it
         samples = guard.run_guarded(
             "sampling", guard.sampler_remedy(width, height, B), comfy.sample.sample_custom,

@@ -36,6 +36,8 @@ from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
 
 VERSIONS = ("0.30.0", "0.3.75")
 FIXTURES = REPO / ".runtime" / "cache" / "model_node_table"       # 5.3 GB, written once
+WIDE = "zt_wide_bf16.safetensors"                 # Z-Image at the released width (dim 3840), two layers
+CONTROL = "zt_fun_controlnet_union.safetensors"     # a Fun ControlNet for it, Union 1.0 layout
 SIZE, STEPS, SEED, CFG = 64, 1, 31, 1.0    # one model pass per job: the run must fit in minutes
 KEEP_LOG: Path | None = None                                        # --keep-log: the servers' logs go here
 TOLERANCE = 1                                                       # /255, as in tests/test_core_nodes.py
@@ -79,7 +81,7 @@ def fixture_files(folder: Path = FIXTURES) -> Path:
     per test run). A lock keeps two processes from writing at once; a write cut short leaves no "complete" mark,
     so the next caller writes again."""
     import fcntl
-    from test_core_nodes import CONTROL, WIDE, controlnet_weights, wide_config, write_loras
+    from test_core_nodes import controlnet_weights, wide_config, write_loras
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "complete"
     with open(folder / ".lock", "w") as lock:
@@ -101,7 +103,6 @@ def prepare_base(base: Path, fixtures: Path) -> None:
     """A ComfyUI base directory: the pack's tiny text encoder and VAE, the wide DiT and ControlNet hard-linked
     (no copy of 2.2 GB), the LoRAs, and a 64x64 input image."""
     from PIL import Image
-    from test_core_nodes import CONTROL, WIDE
     write_tiny_models(base / "models")
     for sub, name in (("diffusion_models", WIDE), ("model_patches", CONTROL)):
         (base / "models" / sub).mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,6 @@ def link(src: Path, dst: Path) -> None:
 def common_nodes(server: ComfyServer) -> dict:
     """What every branch shares: both loaders on the same file, the prompt and a negative, a latent, an image, a
     mask, core's euler sampler and a noise source."""
-    from test_core_nodes import CONTROL, WIDE
     info = server.object_info()
     loader = info["ZImageTurboLoader"]["input"]["required"]
     tiny = lambda key: next(n for n in loader[key][0] if "tiny" in n)   # noqa: E731
@@ -178,7 +178,6 @@ def value_for(name: str, spec: list, model, extra: dict, key: str):
     if typ == "CONDITIONING":
         return ["neg", 0] if "neg" in name else ["pos", 0]
     if typ == "MODEL_PATCH":             # in the branch: a version whose loader cannot read the file refuses it
-        from test_core_nodes import CONTROL
         extra[f"{key}_mp"] = {"class_type": "ModelPatchLoader", "inputs": {"name": CONTROL}}
         return [f"{key}_mp", 0]
     if typ == "SIGMAS":

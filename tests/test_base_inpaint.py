@@ -290,11 +290,9 @@ def test_inpaint_errors_name_the_input(server):
 # ---- in-process: what one guided step costs ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from zimage_core import synthetic
+def parts(tiny_files):
     loaders = import_pack("nodes.loaders")
-    files = synthetic.write_split_files(tmp_path_factory.mktemp("models"), dtype=torch.float32)
-    return loaders.load_parts(files.dit, files.text_encoder, files.vae, "auto")
+    return loaders.load_parts(tiny_files.dit, tiny_files.text_encoder, tiny_files.vae, "auto")
 
 
 def model_calls(parts, **sampler):

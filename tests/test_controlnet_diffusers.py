@@ -36,7 +36,7 @@ from conftest import REPO, comfyui_tree, write_diffusers_folder
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer  # noqa: E402
-from test_core_nodes import CONTROL, WIDE, link  # noqa: E402
+from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402
 from test_server import SAME_AS_DIFFUSERS, write_split_from_diffusers  # noqa: E402
 
 LITE = "zt_fun_controlnet_lite_release_layout.safetensors"
@@ -126,8 +126,6 @@ def setup(request, tmp_path_factory):
     if not core_has_fun_controlnet(version):
         pytest.skip(f"ComfyUI {version} has no ZImageFunControlnet (nor comfy/ldm/lumina/controlnet.py): core added "
                     "the Z-Image Fun ControlNet after 0.3.75, and the pack's scheduled node wraps core's")
-    sys.path.insert(0, str(REPO / "scripts"))
-    from model_node_table import fixture_files
     from controlnet_reference import write_release_file
     cache = fixture_files()
     base = tmp_path_factory.mktemp(f"controlnet-{version}")

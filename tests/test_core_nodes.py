@@ -19,9 +19,8 @@ from conftest import REPO, comfyui_tree
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
+from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402
 
-WIDE = "zt_wide_bf16.safetensors"
-CONTROL = "zt_fun_controlnet_union.safetensors"
 SIZE, STEPS, SEED = 64, 2, 31
 
 
@@ -36,15 +35,7 @@ def wide_files():
     """The wide DiT and a Fun ControlNet (Union 1.0 layout, as core's ModelPatchLoader reads it) for it: written
     once into the runtime's cache (scripts/model_node_table.py fixture_files) and hard-linked into each server's
     models folder, so the 5.3 GB exist once on the disk."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from model_node_table import fixture_files
     return fixture_files()
-
-
-def link(src, dst):
-    sys.path.insert(0, str(REPO / "scripts"))
-    from model_node_table import link as hard_link_or_copy
-    hard_link_or_copy(src, dst)
 
 
 def controlnet_weights(seed: int = 22) -> dict[str, torch.Tensor]:

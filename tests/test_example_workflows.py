@@ -18,6 +18,7 @@ from conftest import REPO, RUNTIME, comfyui_tree
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
+from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402  (the ControlNet needs dim 3840)
 from example_workflows import (API, BASE_DIT, CUT, FUN_CONTROLNET, NOTE_TYPES, TEXT_ENCODER, TURBO_DIT, VAE,  # noqa: E402
                                WORKFLOWS, api_of_canvas, changed_inputs, for_tiny_weights)
 
@@ -26,8 +27,6 @@ FOLDER = REPO / "example_workflows"
 NAMES = sorted(WORKFLOWS)                              # the e-commerce pair: tests/test_server.py
 SIZE = 64
 TINY = "z_image_turbo_tiny"
-WIDE = "zt_wide_bf16.safetensors"                      # the ControlNet needs core's fixed width (dim 3840)
-CONTROL = "zt_fun_controlnet_union.safetensors"
 FILES = {TURBO_DIT: f"{TINY}_bf16.safetensors", BASE_DIT: f"{TINY}_bf16.safetensors",
          TEXT_ENCODER: f"{TINY}_qwen3.safetensors", VAE: f"{TINY}_ae.safetensors"}
 CONTROL_FILES = {**FILES, TURBO_DIT: WIDE, FUN_CONTROLNET: CONTROL}
@@ -71,7 +70,6 @@ def server(request, tmp_path_factory):
     base = tmp_path_factory.mktemp(f"examples-{version}")
     write_tiny_models(base / "models")
     write_inputs(base / "input")
-    from model_node_table import fixture_files, link
     fixtures = fixture_files()                          # written once into the runtime cache, shared
     for sub, name in (("diffusion_models", WIDE), ("model_patches", CONTROL)):
         (base / "models" / sub).mkdir(parents=True, exist_ok=True)

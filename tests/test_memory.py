@@ -18,8 +18,8 @@ JOB = dict(width=64, height=48, steps=3, seed=4)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return synthetic.write_split_files(tmp_path_factory.mktemp("models"), dtype=torch.float32)
+def files(tiny_files):
+    return tiny_files
 
 
 def pipeline(files, memory: str, **kw) -> ZImagePipeline:
