@@ -19,6 +19,7 @@ import torch
 from ..zimage_core.errors import CheckpointMismatch
 from ..zimage_core.loading import prepare_text_encoder
 from ..zimage_core.text_encoder import Qwen3Config
+from . import quantized
 
 # Prompts are kept whole, as ComfyUI keeps them (diffusers cuts at 512 tokens). The cap only keeps one pasted
 # book from taking the server's memory: the text encoder's attention grows with the square of the length.
@@ -85,13 +86,43 @@ def model_options(cfg: Qwen3Config, dtype: torch.dtype) -> dict:
 
 
 def load_clip(source: str | Path, dtype: torch.dtype) -> comfy.sd.CLIP:
+    """core's CLIP for a Qwen3-4B file. A quantized one (fp8_mixed) gets core's mixed-precision operations and
+    its tensors as stored, as core's CLIPLoader gives them."""
     meta, report, read = prepare_text_encoder(source)          # strict key/shape check, config from shapes
     target = comfy.supported_models_base.ClipTarget(ZImageTokenizer, z_image.te())
     n_params = sum(p.numel() for p in meta.parameters())
-    clip = comfy.sd.CLIP(target=target, parameters=n_params, model_options=model_options(report.config, dtype))
+    options = model_options(report.config, dtype)
+    if report.quantization:
+        return _quantized_clip(target, n_params, options, meta, report, read)
+    clip = comfy.sd.CLIP(target=target, parameters=n_params, model_options=options)
     missing, unexpected = clip.load_sd({key: read(key) for key in meta.state_dict()})
+    _check_taken(report.file, missing, unexpected)
+    return clip
+
+
+def _quantized_clip(target, n_params: int, options: dict, meta, report, read) -> comfy.sd.CLIP:
+    """The file's tensors as stored, declarations in the running ComfyUI's form, loaded while core builds the
+    CLIP (its mixed-precision Linears have no weight until loaded, and core moves the model at construction)."""
+    q = report.quantization
+    quantized.check_computable(q, report.file)
+    options.update(quantized.clip_options(q))
+    file_keys = [read.names[k] for k in meta.state_dict()] + [k for k in read.stored_keys if q.format_of(k)]
+    ours = {src: our for our, src in read.names.items()}
+    prefix = "model." if any(our != src for our, src in read.names.items()) else ""     # a bare Qwen3Model
+    sd = {ours.get(k, prefix + k): v for k, v in quantized.stored_tensors(q, file_keys, read.stored).items()}
+    clip = quantized.build_clip(target, n_params, options, sd)
+    loaded = clip.cond_stage_model.qwen3_4b.transformer.state_dict()
+    _check_taken(report.file, sorted(set(meta.state_dict()) - set(loaded)), [])
+    layers = dict(clip.cond_stage_model.qwen3_4b.transformer.named_modules())
+    plain = [layer for layer in q.layers if not quantized.is_quantized_weight(layers[prefix + layer].weight)]
+    if plain:
+        raise CheckpointMismatch(f"{report.file}: ComfyUI did not take layers {plain[:3]} as quantized; this ComfyUI "
+                                 f"version reads the file differently: report it with the version")
+    return clip
+
+
+def _check_taken(file: str, missing, unexpected) -> None:
     if missing or unexpected:
-        raise CheckpointMismatch(f"{report.file}: ComfyUI's Qwen3 text encoder does not take this file's tensors "
+        raise CheckpointMismatch(f"{file}: ComfyUI's Qwen3 text encoder does not take this file's tensors "
                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); this ComfyUI "
                                  f"version builds it differently: report it with the version")
-    return clip

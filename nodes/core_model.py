@@ -25,7 +25,7 @@ from ..zimage_core.errors import CheckpointMismatch
 from ..zimage_core.loading import FP8_DTYPES, prepare_dit
 from ..zimage_core.precision import FP8_NAME, choose_dtypes
 from ..zimage_core.quant import BLOCKS, FP8, block_linears
-from . import pack_ops
+from . import pack_ops, quantized
 
 log = logging.getLogger("ZImageTurbo")
 
@@ -48,7 +48,8 @@ def zimage_dit(model, node: str, input_name: str = "model") -> torch.nn.Module:
     base = getattr(model, "model", None)
     config = getattr(base, "model_config", None)
     dit = getattr(base, "diffusion_model", None)
-    if isinstance(config, comfy.supported_models.ZImage) and all(hasattr(dit, n) for n in BLOCK_LISTS):
+    # exactly core's ZImage: its subclasses (0.38's ZImagePixelSpace, MingImage) sample other latents
+    if type(config) is comfy.supported_models.ZImage and all(hasattr(dit, n) for n in BLOCK_LISTS):
         return dit
     if config is not None:
         got = f"a {type(config).__name__} model"
@@ -105,6 +106,8 @@ class Precision:
 def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: bool = False):
     """core's Z-Image MODEL (a ModelPatcher) for a DiT file, all-in-one file or diffusers folder."""
     meta_dit, report, read = prepare_dit(source)            # layout, config, strict key/shape check
+    if report.quantization:
+        return load_quantized_model(source, weight_dtype, disable_dynamic, meta_dit, report, read)
     blocks = {f"{name}.weight" for _, _, name, _ in block_linears(meta_dit)}
     precision = Precision.choose(weight_dtype, all(report.block_dtypes.get(k) in FP8_DTYPES for k in blocks))
     model = build_core_model(report.config, precision)
@@ -136,6 +139,39 @@ def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: 
     patcher.cached_patcher_init = (load_model, (str(source), weight_dtype))
     log.info("Z-Image: loaded %s as ComfyUI's Z-Image model (compute %s, blocks %s)", report, precision.compute,
              precision.blocks)
+    return patcher
+
+
+def load_quantized_model(source, weight_dtype: str, disable_dynamic: bool, meta_dit, report, read):
+    """A file whose layers declare their formats (int8 ConvRot, fp8_mixed, NVFP4, MXFP8): core's model with core's
+    mixed-precision operations, given the file's tensors as stored, as core's UNETLoader gives them. The pack's
+    strict check has matched the file to Z-Image first; weight_dtype picks the compute dtype only (the file's
+    own formats decide how the quantized layers are stored)."""
+    quantized.check_computable(report.quantization, report.file)
+    compute = choose_dtypes(mm.get_torch_device(), "auto" if weight_dtype.startswith("fp8") else weight_dtype).dit
+    if weight_dtype.startswith("fp8"):
+        log.info("Z-Image: %s keeps its own quantization (%s); weight_dtype %s does not apply to it", report.file,
+                 report.quantization.describe(), weight_dtype)
+    mc = comfy.supported_models.ZImage(unet_config(report.config))
+    mc.memory_usage_factor = MEMORY_USAGE_FACTOR
+    quantized.configure_model(mc, report.quantization)
+    mc.set_inference_dtype(compute, mm.unet_manual_cast(None, mm.get_torch_device(), mc.supported_inference_dtypes))
+    model = mc.get_model({}, "")             # core's own operations pick mixed precision from the config
+    _size_timestep_embedder(model.diffusion_model, report.config, compute, None, device=None)
+    patcher = _patcher(model, disable_dynamic)
+    keys = [k for k in meta_dit.state_dict()] + [k for k in read.stored_keys if report.quantization.format_of(k)]
+    sd = quantized.stored_tensors(report.quantization, dict.fromkeys(keys), read.stored)
+    missing, unexpected = model.diffusion_model.load_state_dict(
+        sd, strict=False, assign=getattr(patcher, "is_dynamic", lambda: False)())
+    missing = [k for k in missing if k not in UNUSED_CORE_KEYS]
+    if missing or unexpected:
+        raise CheckpointMismatch(f"{report.file}: ComfyUI's Z-Image model does not take this file's tensors "
+                                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); this ComfyUI "
+                                 f"version builds Z-Image differently: report it with the version")
+    del sd
+    patcher.cached_patcher_init = (load_model, (str(source), weight_dtype))
+    log.info("Z-Image: loaded %s as ComfyUI's Z-Image model with its quantized operations (compute %s)", report,
+             compute)
     return patcher
 
 
@@ -175,7 +211,8 @@ def expected_tensors(module: torch.nn.Module) -> dict[str, tuple]:
     return shapes
 
 
-def _size_timestep_embedder(dit: torch.nn.Module, cfg: DiTConfig, dtype: torch.dtype, ops) -> None:
+def _size_timestep_embedder(dit: torch.nn.Module, cfg: DiTConfig, dtype: torch.dtype, ops,
+                            device=torch.device("meta")) -> None:
     """Core builds the timestep MLP as (256 -> min(dim, 1024) -> 256); the released file matches, diffusers-style
     files (hidden 1024, out min(dim, 256)) do not below dim 1024: core's own class, at the file's sizes."""
     mlp = dit.t_embedder.mlp
@@ -184,8 +221,7 @@ def _size_timestep_embedder(dit: torch.nn.Module, cfg: DiTConfig, dtype: torch.d
         return
     ops = ops or _ops_of(mlp[0])
     dit.t_embedder = TimestepEmbedder(cfg.t_embed_hidden, frequency_embedding_size=cfg.t_freq_dim,
-                                      output_size=cfg.adaln_dim, dtype=dtype, device=torch.device("meta"),
-                                      operations=ops)
+                                      output_size=cfg.adaln_dim, dtype=dtype, device=device, operations=ops)
 
 
 def _ops_of(linear: torch.nn.Module):

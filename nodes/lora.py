@@ -24,7 +24,18 @@ SHOWN = 5                   # ignored keys named in a warning; the count says ho
 def dit_linears(model) -> dict[str, int]:
     """The Z-Image DiT's Linear modules and their output rows; a clear error for a MODEL of another kind."""
     dit = zimage_dit(model, "Z-Image LoRA Loader")
-    return {name: m.out_features for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {name: m.out_features for name, m in dit.named_modules() if is_linear(m)}
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """A Linear as core's LoRA patching sees one: torch's, or any module with a 2-D weight and in/out widths (core's
+    mixed-precision Linear of a quantized file is a plain Module holding a QuantizedTensor; under dynamic VRAM a
+    weight may not be loaded yet)."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (hasattr(module, "in_features") and hasattr(module, "out_features")
+            and (weight is None or getattr(weight, "ndim", 0) == 2))
 
 
 class ZImageLoraLoader:

@@ -14,6 +14,7 @@ included, goes through core's own cast path (cast_bias_weight) unchanged.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 
@@ -25,6 +26,8 @@ from ..zimage_core import quant
 
 log = logging.getLogger("ZImageTurbo")
 
+# 0.30.0+: cast_bias_weight can patch a LoRA in a compute dtype of its own and requantize to the stored one
+CAST_TAKES_COMPUTE_DTYPE = "compute_dtype" in inspect.signature(comfy.ops.cast_bias_weight).parameters
 FP16_INPUT_BOUND = 1.0     # inputs scaled to |x| <= 1 per row: a row's outputs then stay within the weight rows' L1
 
 
@@ -196,9 +199,18 @@ def lowvram_patch_converts() -> bool:
 
 
 def cast_weight(module, input: Tensor, dtype: torch.dtype):
-    """core's cast_bias_weight with the weight kept in `dtype` on the input's device: (weight, bias, stream)."""
+    """core's cast_bias_weight with the weight kept in `dtype` on the input's device: (weight, bias, stream).
+
+    Where core takes a compute dtype (0.30.0+), a LoRA that dynamic VRAM patches in while casting is computed in
+    core's LoRA compute dtype and the result cast back to `dtype`, as core's own fp8 Linear asks; without it the
+    patch would be summed in fp8."""
     bias_dtype = torch.float32 if dtype == torch.float16 else input.dtype
-    return comfy.ops.cast_bias_weight(module, input, dtype=dtype, bias_dtype=bias_dtype, offloadable=True)
+    extra = {}
+    if dtype != input.dtype and CAST_TAKES_COMPUTE_DTYPE:
+        import comfy.model_management as mm
+        extra = {"compute_dtype": mm.lora_compute_dtype(input.device), "want_requant": True}
+    return comfy.ops.cast_bias_weight(module, input, dtype=dtype, bias_dtype=bias_dtype, offloadable=True, **extra)
+
 
 
 def uncast_weight(module, weight, bias, stream) -> None:

@@ -27,6 +27,7 @@ class Checkpoint:
     dtypes: dict[str, str] = field(default_factory=dict)             # safetensors dtype names: BF16, F8_E4M3...
     prefix: str = ""                                                 # names are seen with this prefix removed
     file_keys: tuple[str, ...] = ()                                  # every name in the file(s), for messages
+    metadata: dict[str, str] = field(default_factory=dict)          # the header's __metadata__ (all shards')
 
     @property
     def name(self) -> str:
@@ -40,7 +41,8 @@ class Checkpoint:
         n = len(prefix)
         pick = [k for k in self.shapes if k.startswith(prefix)]
         return Checkpoint(self.path, {k[n:]: self.files[k] for k in pick}, {k[n:]: self.shapes[k] for k in pick},
-                          {k[n:]: self.dtypes[k] for k in pick}, self.prefix + prefix, self.all_keys())
+                          {k[n:]: self.dtypes[k] for k in pick}, self.prefix + prefix, self.all_keys(),
+                          self.metadata)
 
     def all_keys(self) -> tuple[str, ...]:
         return self.file_keys or tuple(self.shapes)
@@ -105,6 +107,7 @@ def _files_from_index(index: Path) -> list[Path]:
 def _read_header(file: Path, ckpt: Checkpoint) -> None:
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
+            ckpt.metadata.update(f.metadata() or {})
             for key in f.keys():
                 s = f.get_slice(key)
                 ckpt.files[key] = file

@@ -28,8 +28,10 @@ _QKV = re.compile(r"^(.+\.attention)\.to_([qkv])\.weight$")
 
 # Keys some files carry that hold no weight of ours: ComfyUI's unused Lumina-2 norm and the old fp8 marker.
 DIT_IGNORED = {"norm_final.weight", "scaled_fp8"}
-# Per-layer quantisation extras (ComfyUI scaled-fp8, old and new naming): consumed by the fp8 loader.
-QUANT_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
+# Per-layer quantisation extras (ComfyUI scaled-fp8, old and new naming, and the scales of core's quantized
+# formats): consumed by the fp8 loader or handed to core's operations with the weight (formats.py).
+QUANT_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant",
+                  ".weight_scale_2", ".pre_quant_scale")
 
 
 def is_quant_extra(key: str) -> bool:

@@ -14,12 +14,13 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from . import formats
 from . import keys as K
 from . import quant
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import DiTConfig
 from .dit import ZImageDiT
-from .errors import CheckpointMismatch, UnknownCheckpoint, first
+from .errors import CheckpointMismatch, UnknownCheckpoint, UnsupportedFile, first
 from .fastpath import FAST, FastPath, configure
 from .text_encoder import Qwen3Config, Qwen3Encoder
 from .vae import AutoEncoder, VAEConfig, diffusers_to_ldm, is_diffusers_layout
@@ -45,11 +46,13 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     block_dtypes: dict[str, str] = field(default_factory=dict)      # DiT: our key -> the file's dtype name
     fp8_blocks: bool = False                                          # DiT: block weights kept in fp8
+    quantization: formats.Quantization = field(default_factory=formats.Quantization)   # declared formats
 
     def __str__(self) -> str:
         src = ", ".join(f"{n} {d}" for d, n in self.source_dtypes.most_common())
         blocks = ", blocks fp8" if self.fp8_blocks else ""
-        return f"{self.file}: {PART_NAME[self.part]}, {self.layout} layout, {src} -> {self.dtype}{blocks}"
+        quantized = f", {self.quantization.describe()}" if self.quantization else ""
+        return f"{self.file}: {PART_NAME[self.part]}, {self.layout} layout, {src} -> {self.dtype}{blocks}{quantized}"
 
 
 def open_part(source: Source, part: str) -> tuple[Checkpoint, str]:
@@ -180,11 +183,14 @@ def dit_plan(ckpt: Checkpoint) -> tuple[str, dict[str, str | tuple[str, ...]], l
     return layout, names, ignored
 
 
-def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]]) -> Callable[[str], Tensor]:
+def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]],
+               q: formats.Quantization) -> Callable[[str], Tensor]:
     """read(our key) -> the weight's value, in a dtype that holds it exactly: as stored, or fp32 where an fp8
-    weight has a scale to apply."""
+    weight has a scale to apply. A weight in a declared format is never read as a value (read.stored gives the
+    file's tensors as they are, for core's operations)."""
     def read(key: str) -> Tensor:
         src = plan[key]
+        _refuse_quantized(ckpt, q, (src,) if isinstance(src, str) else src)
         if isinstance(src, tuple):
             parts = [_dequantized(ckpt, s) for s in src]
             if len({p.dtype for p in parts}) > 1:                # fused q, k, v stored differently: widen
@@ -204,7 +210,16 @@ def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]]) -> 
             return None
         return ckpt.read(src), scale.reshape(())
     read.scaled_fp8 = scaled_fp8
+    read.stored, read.stored_keys = ckpt.read, ckpt.keys()
     return read
+
+
+def _refuse_quantized(ckpt: Checkpoint, q: formats.Quantization, keys) -> None:
+    for key in keys:
+        if q.format_of(key) is not None:
+            raise UnsupportedFile(f"{ckpt.name}: {key} is stored as {q.format_of(key)}; its values are computed "
+                                  f"with by ComfyUI's quantized operations only (the Z-Image loader nodes), not "
+                                  f"read as plain weights")
 
 
 def _scale_of(ckpt: Checkpoint, key: str) -> Tensor | None:
@@ -241,6 +256,9 @@ def load_dit(source: Source, dtype: torch.dtype = torch.float32, device="cpu",
     Plain nn.Linears holding fp8 become quant.CastLinears; a Linear subclass must cast by itself (ComfyUI's,
     once told to: set comfy_cast_weights on quant.block_linears' modules)."""
     model, report, read = prepare_dit(source, model_cls)
+    if report.quantization:
+        raise UnsupportedFile(f"{report.file} is quantized ({report.quantization.describe()}): the reference engine "
+                              f"reads plain and fp8 files; load it with the Z-Image loader nodes in ComfyUI")
     weights = {f"{name}.weight" for _, _, name, _ in quant.block_linears(model)}
     if fp8_blocks is None:
         fp8_blocks = all(report.block_dtypes.get(k) in FP8_DTYPES for k in weights)
@@ -256,12 +274,34 @@ def prepare_dit(source: Source, model_cls: type[ZImageDiT] = ZImageDiT
                 ) -> tuple[ZImageDiT, LoadReport, Callable[[str], Tensor]]:
     """Everything but reading the data: layout, config, a meta model that passed the strict check."""
     ckpt, how = open_part(source, "dit")
+    q = _quantization(ckpt)
     layout, plan, ignored = dit_plan(ckpt)
-    shapes = {k: _plan_shape(ckpt, v) for k, v in plan.items()}
+    if q and layout != "comfyui":
+        raise UnsupportedFile(f"{ckpt.name}: quantized layers ({q.describe()}) in the {layout} layout; ComfyUI's "
+                              f"quantized files use its own key names. Use ComfyUI's file, or the bf16 one")
+    shapes = {k: _plan_shape(ckpt, v, q) for k, v in plan.items()}
     model, cfg = _checked_model(model_cls, DiTConfig, shapes, ckpt, "dit", layout)
-    report = _report(ckpt, "dit", f"{layout} ({how})", cfg, None, ignored)
+    _check_declared_layers(q, set(plan), ckpt, "dit")
+    report = _report(ckpt, "dit", f"{layout} ({how})", cfg, None, [k for k in ignored if q.format_of(k) is None])
     report.block_dtypes = {k: _plan_dtype(ckpt, v) for k, v in plan.items()}
-    return model, report, _dit_reader(ckpt, plan)
+    report.quantization = q
+    return model, report, _dit_reader(ckpt, plan, q)
+
+
+def _quantization(ckpt: Checkpoint) -> formats.Quantization:
+    """The file's declared formats, each known to the pack, and every tensor's dtype understood."""
+    q = formats.read_quantization(ckpt)
+    formats.check_formats_known(q, ckpt.name)
+    formats.check_dtypes(ckpt, q)
+    return q
+
+
+def _check_declared_layers(q: formats.Quantization, weights: set[str], ckpt: Checkpoint, part: str) -> None:
+    """A declaration for a layer the model does not have would be dropped by core without a word."""
+    stray = sorted(layer for layer in q.layers if f"{layer}.weight" not in weights)
+    if stray:
+        raise CheckpointMismatch(f"{ckpt.name} declares quantized layers that a Z-Image {PART_NAME[part]} does not "
+                                 f"have: {first(stray, 3)}. The file is damaged or another model's")
 
 
 def _plan_dtype(ckpt: Checkpoint, src: str | tuple[str, ...]) -> str:
@@ -270,9 +310,10 @@ def _plan_dtype(ckpt: Checkpoint, src: str | tuple[str, ...]) -> str:
     return names.pop() if len(names) == 1 else "mixed"
 
 
-def _plan_shape(ckpt: Checkpoint, src: str | tuple[str, ...]) -> tuple[int, ...]:
+def _plan_shape(ckpt: Checkpoint, src: str | tuple[str, ...],
+                q: formats.Quantization = formats.Quantization()) -> tuple[int, ...]:
     if isinstance(src, str):
-        return ckpt.shapes[src]
+        return formats.logical_shape(q.format_of(src), ckpt.shapes[src])
     shapes = [ckpt.shapes[s] for s in src]
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
@@ -290,13 +331,22 @@ def load_text_encoder(source: Source, dtype: torch.dtype = torch.float32,
 
 def prepare_text_encoder(source: Source) -> tuple[Qwen3Encoder, LoadReport, Callable[[str], Tensor]]:
     ckpt, how = open_part(source, "text")
-    names = text_encoder_names(ckpt.keys())
+    q = _quantization(ckpt)
+    names = text_encoder_names([k for k in ckpt.keys() if not (formats.is_quant_extra(k) and q.format_of(k))])
     if "model.layers.0.self_attn.q_norm.weight" not in names or "model.embed_tokens.weight" not in names:
         raise _unknown(ckpt, "text")
-    shapes = {ours: ckpt.shapes[src] for ours, src in names.items()}
+    shapes = {ours: formats.logical_shape(q.format_of(src), ckpt.shapes[src]) for ours, src in names.items()}
     model, cfg = _checked_model(Qwen3Encoder, Qwen3Config, shapes, ckpt, "text", how)
-    ignored = set(ckpt.keys()) - set(names.values())
-    return model, _report(ckpt, "text", how, cfg, None, ignored), lambda key: ckpt.read(names[key])
+    _check_declared_layers(q, set(names.values()), ckpt, "text")
+    ignored = set(ckpt.keys()) - set(names.values()) - {k for k in ckpt.keys() if q.format_of(k)}
+    report = _report(ckpt, "text", how, cfg, None, ignored)
+    report.quantization = q
+
+    def read(key: str) -> Tensor:
+        _refuse_quantized(ckpt, q, (names[key],))
+        return ckpt.read(names[key])
+    read.stored, read.stored_keys, read.names = ckpt.read, ckpt.keys(), names
+    return model, report, read
 
 
 def text_encoder_names(keys: list[str]) -> dict[str, str]:
@@ -314,6 +364,10 @@ def load_vae(source: Source, dtype: torch.dtype = torch.float32, device="cpu") -
 
 def prepare_vae(source: Source) -> tuple[AutoEncoder, LoadReport, Callable[[str], Tensor]]:
     ckpt, how = open_part(source, "vae")
+    q = _quantization(ckpt)
+    if q:
+        raise UnsupportedFile(f"{ckpt.name}: a quantized VAE ({q.describe()}); the VAE is read in bf16/fp16/fp32 "
+                              f"only: use ae.safetensors")
     keys = ckpt.keys()
     if is_diffusers_layout(keys):
         layout = "diffusers"
