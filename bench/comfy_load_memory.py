@@ -1,14 +1,19 @@
-"""What loading a Z-Image DiT costs in ComfyUI: the pack's loader (core's model over the file's memory-mapped
-tensors) against core's own UNETLoader path (comfy.sd.load_diffusion_model), on the same file, same dtype.
+"""What loading a Z-Image DiT or text encoder costs in ComfyUI: the pack's loader against core's own (UNETLoader's
+comfy.sd.load_diffusion_model, CLIPLoader's comfy.sd.load_clip), on the same file, same dtype.
 
 Each load runs in a fresh process (ComfyUI imported as a library, --cpu) so neither sees the other's pages;
-reported: seconds to load, and the process's anonymous memory (RssAnon: memory that is not a view of a file,
-what the system must find room for) after the load, above the process's baseline, and a forward at 256x256.
+reported: seconds to load; the process's anonymous memory (RssAnon: memory that is not a view of a file, what the
+system must find room for) after the load, above the process's baseline; its peak resident memory (VmHWM) above
+the baseline; and, with --forward, a DiT forward at 256x256.
 
-    .runtime/venv/bin/python bench/comfy_load_memory.py FILE [--dtype bf16] [--comfyui 0.30.0] [--forward]
+    .runtime/venv/bin/python bench/comfy_load_memory.py FILE [--part dit|text] [--dtype auto|bf16|fp32]
+                                                        [--comfyui 0.30.0] [--forward]
+    .runtime/venv/bin/python bench/comfy_load_memory.py --write-hollow int8_convrot|fp8_mixed FILE
 
 FILE: a DiT in the released layout (core detects Z-Image only at dim 3840: the released file, or the wide test
-file of tests/test_core_nodes.py). Results go to bench/results/comfy_load_memory-*.json.
+file of tests/test_core_nodes.py), or a Qwen3-4B text encoder at its released size. --write-hollow writes a
+full-size quantized file in Comfy-Org's layout whose data is a hole (no disk, zeros: for memory, never for
+pictures). --dtype auto: the pack's auto, core's default. Results go to bench/results/comfy_load_memory-*.json.
 """
 from __future__ import annotations
 
@@ -28,25 +33,33 @@ sys.path.insert(0, {scripts!r})
 import comfy_tree
 comfy_tree.import_comfy({version!r}, cpu=True)
 
-def anon_kb():
+def status_kb(field):
     for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
 
-dtype = {{"bf16": torch.bfloat16, "fp32": torch.float32}}[{dtype!r}]
+dtype = {{"bf16": torch.bfloat16, "fp32": torch.float32, "auto": None}}[{dtype!r}]
+options = {{}} if dtype is None else {{"dtype": dtype}}
 if {side!r} == "pack":
-    core_model = comfy_tree.import_pack("nodes.core_model", version={version!r})
-base = anon_kb()
+    pack = comfy_tree.import_pack("nodes.core_model" if {part!r} == "dit" else "nodes.core_clip", version={version!r})
+    import comfy.model_management as mm
+    precision = comfy_tree.import_pack("zimage_core.precision", version={version!r})
+import comfy.sd
+base, base_rss = status_kb("RssAnon"), status_kb("VmRSS")
 t = time.perf_counter()
-if {side!r} == "pack":
-    model = core_model.load_model({path!r}, {dtype!r})
+if {side!r} == "pack" and {part!r} == "dit":
+    model = pack.load_model({path!r}, {dtype!r})
+elif {side!r} == "pack":
+    model = pack.load_clip({path!r}, precision.choose_dtypes(mm.get_torch_device(), {dtype!r}).text_encoder)
+elif {part!r} == "dit":
+    model = comfy.sd.load_diffusion_model({path!r}, model_options=options)
 else:
-    import comfy.sd
-    model = comfy.sd.load_diffusion_model({path!r}, model_options={{"dtype": dtype}})
+    model = comfy.sd.load_clip(ckpt_paths=[{path!r}], clip_type=comfy.sd.CLIPType.LUMINA2, model_options=options)
 seconds = time.perf_counter() - t
-loaded = anon_kb()
-result = {{"side": {side!r}, "load_s": round(seconds, 2), "anon_gb": round((loaded - base) / 2**20, 3)}}
-if {forward!r}:
+loaded = status_kb("RssAnon")
+result = {{"side": {side!r}, "load_s": round(seconds, 2), "anon_gb": round((loaded - base) / 2**20, 3),
+           "peak_rss_gb": round((status_kb("VmHWM") - base_rss) / 2**20, 3)}}
+if {forward!r} and {part!r} == "dit":
     dit = model.model.diffusion_model
     cap = dit.cap_embedder[1].in_features
     x, sigma, ctx = torch.randn(1, 16, 32, 32), torch.tensor([0.8]), torch.randn(1, 32, cap)
@@ -59,9 +72,9 @@ print("RESULT " + json.dumps(result))
 '''
 
 
-def measure(side: str, path: Path, dtype: str, version: str, forward: bool) -> dict:
+def measure(side: str, path: Path, dtype: str, version: str, forward: bool, part: str = "dit") -> dict:
     code = CHILD.format(scripts=str(REPO / "scripts"), version=version, dtype=dtype, side=side, path=str(path),
-                        forward=forward)
+                        forward=forward, part=part)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=3600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -69,24 +82,69 @@ def measure(side: str, path: Path, dtype: str, version: str, forward: bool) -> d
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def write_hollow(kind: str, path: Path) -> Path:
+    """A full-size quantized file in Comfy-Org's layout, data a hole: z_image_turbo_int8_convrot (the block
+    Linears int8 with per-row scales and their ConvRot declaration, everything else F32) or qwen_3_4b_fp8_mixed
+    (every projection fp8 with a per-tensor scale but the first and last layers', the rest bf16)."""
+    import json
+
+    import torch
+    sys.path.insert(0, str(REPO))
+    from zimage_core import synthetic
+    from zimage_core.text_encoder import QWEN3_4B, Qwen3Encoder
+    if kind == "int8_convrot":
+        base, conf = synthetic.dit_shapes(), {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+        layers = [k[:-7] for k, v in base.items() if len(v) == 2 and k.split(".")[0] in
+                  ("layers", "noise_refiner", "context_refiner")]
+        plain = torch.float32
+    else:
+        with torch.device("meta"):
+            base = {k: tuple(v.shape) for k, v in Qwen3Encoder(QWEN3_4B).state_dict().items()}
+        last = QWEN3_4B.n_layers - 1
+        conf, plain = {"format": "float8_e4m3fn"}, torch.bfloat16
+        layers = [k[:-7] for k in base if k.endswith("_proj.weight")
+                  and not k.startswith(("model.layers.0.", f"model.layers.{last}."))]
+    stored = torch.int8 if kind == "int8_convrot" else torch.float8_e4m3fn
+    shapes, dtypes, filled = {}, {}, {}
+    declaration = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    for name, shape in base.items():
+        layer = name[:-len(".weight")]
+        shapes[name], dtypes[name] = shape, (stored if layer in layers else plain)
+        if layer in layers:
+            scale_shape = (shape[0], 1) if kind == "int8_convrot" else ()
+            shapes[f"{layer}.weight_scale"], dtypes[f"{layer}.weight_scale"] = scale_shape, torch.float32
+            filled[f"{layer}.weight_scale"] = torch.ones(scale_shape)
+            shapes[f"{layer}.comfy_quant"], dtypes[f"{layer}.comfy_quant"] = (len(declaration),), torch.uint8
+            filled[f"{layer}.comfy_quant"] = declaration
+    return synthetic.write_hollow_file(path, shapes, dtypes, filled)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", type=Path)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--part", default="dit", choices=["dit", "text"])
+    ap.add_argument("--dtype", default="bf16", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--comfyui", default="0.30.0")
-    ap.add_argument("--forward", action="store_true", help="also time one forward at 256x256")
+    ap.add_argument("--forward", action="store_true", help="also time one DiT forward at 256x256")
+    ap.add_argument("--write-hollow", choices=["int8_convrot", "fp8_mixed"],
+                    help="write FILE as a full-size hollow quantized file, then stop")
     args = ap.parse_args()
-    rows = [measure(side, args.file, args.dtype, args.comfyui, args.forward) for side in ("pack", "core")]
+    if args.write_hollow:
+        print(f"wrote {write_hollow(args.write_hollow, args.file)}")
+        return
+    rows = [measure(side, args.file, args.dtype, args.comfyui, args.forward, args.part) for side in ("pack", "core")]
     size_gb = args.file.stat().st_size / 2**30
-    print(f"{args.file.name} ({size_gb:.2f} GiB), {args.dtype}, ComfyUI {args.comfyui}:")
+    print(f"{args.file.name} ({size_gb:.2f} GiB), {args.part}, {args.dtype}, ComfyUI {args.comfyui}:")
     for r in rows:
         extra = f", forward {r['forward_s']} s" if "forward_s" in r else ""
-        print(f"  {r['side']:5s} load {r['load_s']:7.2f} s, anonymous memory {r['anon_gb']:7.3f} GiB{extra}")
+        print(f"  {r['side']:5s} load {r['load_s']:7.2f} s, anonymous memory {r['anon_gb']:7.3f} GiB, peak resident "
+              f"+{r['peak_rss_gb']:.3f} GiB{extra}")
     pack, core = rows
     print(f"  core / pack: load time {core['load_s'] / max(pack['load_s'], 1e-3):.1f}x, anonymous memory "
           f"{core['anon_gb']:.2f} vs {pack['anon_gb']:.2f} GiB")
     out = REPO / "bench" / "results" / f"comfy_load_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"file": args.file.name, "file_gib": round(size_gb, 3), "dtype": args.dtype,
+    out.write_text(json.dumps({"file": args.file.name, "file_gib": round(size_gb, 3), "part": args.part,
+                               "dtype": args.dtype,
                                "comfyui": args.comfyui, "rows": rows}, indent=2))
     print(f"wrote {out.relative_to(REPO)}")
 

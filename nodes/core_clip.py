@@ -104,7 +104,7 @@ def _quantized_clip(target, n_params: int, options: dict, meta, report, read) ->
     """The file's tensors as stored, declarations in the running ComfyUI's form, loaded while core builds the
     CLIP (its mixed-precision Linears have no weight until loaded, and core moves the model at construction)."""
     q = report.quantization
-    quantized.check_computable(q, report.file)
+    quantized.check_computable(q, report.file, "qwen_3_4b.safetensors")
     options.update(quantized.clip_options(q))
     file_keys = [read.names[k] for k in meta.state_dict()] + [k for k in read.stored_keys if q.format_of(k)]
     ours = {src: our for our, src in read.names.items()}

@@ -147,7 +147,8 @@ def load_quantized_model(source, weight_dtype: str, disable_dynamic: bool, meta_
     mixed-precision operations, given the file's tensors as stored, as core's UNETLoader gives them. The pack's
     strict check has matched the file to Z-Image first; weight_dtype picks the compute dtype only (the file's
     own formats decide how the quantized layers are stored)."""
-    quantized.check_computable(report.quantization, report.file)
+    quantized.check_computable(report.quantization, report.file,
+                               "z_image_turbo_bf16.safetensors, or z_image_bf16.safetensors for Base")
     compute = choose_dtypes(mm.get_torch_device(), "auto" if weight_dtype.startswith("fp8") else weight_dtype).dit
     if weight_dtype.startswith("fp8"):
         log.info("Z-Image: %s keeps its own quantization (%s); weight_dtype %s does not apply to it", report.file,

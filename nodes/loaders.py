@@ -19,7 +19,8 @@ DTYPE_TIP = ("Precision of the diffusion model and text encoder. auto: bf16 on G
              "newer), fp16 with an overflow guard on older GPUs, fp32 on CPU. fp8_e4m3fn stores the diffusion "
              "model's blocks in fp8 (half the memory, slightly less exact). fp8_e4m3fn_fast also multiplies them in "
              "fp8 on GPUs with fp8 units (RTX 40xx/50xx, L4, H100): faster, a little less exact again; elsewhere "
-             "it is fp8_e4m3fn. The VAE never runs in fp16.")
+             "it is fp8_e4m3fn. The VAE never runs in fp16. A quantized file (int8 ConvRot, fp8_mixed, NVFP4, MXFP8) "
+             "keeps its own format: this sets only its compute dtype.")
 
 
 def named(input_name: str, load, *args, **kwargs):
@@ -48,7 +49,8 @@ class _LoaderNode:
 
 
 class ZImageTurboLoader(_LoaderNode):
-    DESCRIPTION = ("Loads Z-Image (Turbo or Base) from ComfyUI's split files (diffusion model bf16 or fp8, Qwen3-4B "
+    DESCRIPTION = ("Loads Z-Image (Turbo or Base) from ComfyUI's split files (diffusion model bf16, fp8 or a quantized "
+                   "repack, Qwen3-4B "
                    "text encoder, Flux VAE) as ComfyUI's own Z-Image model, text encoder and VAE: every core node "
                    "works with them.")
 
@@ -56,10 +58,12 @@ class ZImageTurboLoader(_LoaderNode):
     def INPUT_TYPES(cls):
         return {"required": {
             "unet_name": (folder_paths.get_filename_list("diffusion_models"),
-                          {"tooltip": "The diffusion model, e.g. z_image_turbo_bf16.safetensors or a Base file, in "
-                                      "models/diffusion_models."}),
+                          {"tooltip": "The diffusion model in models/diffusion_models: z_image_turbo_bf16.safetensors, "
+                                      "a Base file, or a smaller repack (fp8, int8 ConvRot, NVFP4), run as core runs "
+                                      "it."}),
             "clip_name": (folder_paths.get_filename_list("text_encoders"),
-                          {"tooltip": "The Qwen3-4B text encoder, qwen_3_4b.safetensors, in models/text_encoders."}),
+                          {"tooltip": "The Qwen3-4B text encoder in models/text_encoders: qwen_3_4b.safetensors or "
+                                      "qwen_3_4b_fp8_mixed.safetensors."}),
             "vae_name": (folder_paths.get_filename_list("vae"),
                          {"tooltip": "The Flux VAE, ae.safetensors, in models/vae."}),
             "weight_dtype": (DTYPES, {"default": "auto", "tooltip": DTYPE_TIP}),

@@ -53,8 +53,9 @@ def computable_formats() -> set[str]:
     return found
 
 
-def check_computable(q: Quantization, file: str) -> None:
-    """Every format the file declares is one this ComfyUI computes, or an error naming it and what to do."""
+def check_computable(q: Quantization, file: str, plain_file: str) -> None:
+    """Every format the file declares is one this ComfyUI computes, or an error naming it and what to do.
+    plain_file: the released full-precision file of the same part, to name as the alternative."""
     missing = sorted(f for f in q.formats() if f not in computable_formats())
     if not missing:
         return
@@ -63,7 +64,7 @@ def check_computable(q: Quantization, file: str) -> None:
         " (ComfyUI could not import comfy_kitchen: install ComfyUI's requirements)"
     raise UnsupportedFile(f"{file} is quantized as {names}, which ComfyUI {comfyui_version()} cannot compute"
                           f"{kitchen}. Update ComfyUI (0.30 or newer reads int8 ConvRot, NVFP4 and MXFP8), or use "
-                          f"the bf16 file (z_image_turbo_bf16.safetensors / qwen_3_4b.safetensors)")
+                          f"the bf16 file ({plain_file})")
 
 
 def configure_model(model_config, q: Quantization) -> None:

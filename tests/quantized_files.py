@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -62,3 +63,35 @@ def block_layers(sd: dict[str, torch.Tensor]) -> list[str]:
 def text_layers(sd: dict[str, torch.Tensor]) -> list[str]:
     """The Qwen3 attention and MLP projections (what fp8_mixed stores in fp8)."""
     return sorted(k[:-len(".weight")] for k, v in sd.items() if v.ndim == 2 and k.endswith("_proj.weight"))
+
+
+# The released-width files of the server tests: the wide DiT (scripts/model_node_table.py) in each format.
+WIDE_FORMATS = {"int8_tensorwise": ("zt_wide_int8_convrot.safetensors", False),
+                "float8_e4m3fn": ("zt_wide_fp8_header.safetensors", True),      # the form 0.3.75 reads too
+                "nvfp4": ("zt_wide_nvfp4.safetensors", False),
+                "mxfp8": ("zt_wide_mxfp8.safetensors", False)}
+
+
+def wide_quantized(source: Path, folder: Path) -> Path:
+    """The wide bf16 DiT `source` quantized once into `folder` in every WIDE_FORMATS format (4 GB; a lock keeps
+    two processes from writing at once, a write cut short leaves no "complete" mark)."""
+    import fcntl
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = folder / "complete"
+        if done.exists():
+            return folder
+        with safe_open(str(source), framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}                  # memory-mapped, read as quantized
+        for fmt, (name, header) in WIDE_FORMATS.items():
+            qsd, metadata = quantize_layers(sd, block_layers(sd), fmt, header=header)
+            partial = folder / f"{name}.partial"
+            save_file(qsd, str(partial), metadata=metadata)
+            partial.replace(folder / name)
+            del qsd
+        done.write_text("written by tests/quantized_files.py wide_quantized\n")
+    return folder

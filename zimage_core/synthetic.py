@@ -101,7 +101,7 @@ def write_split_files(models_dir: str | Path, dit_cfg: DiTConfig = TINY, text_cf
 
 
 SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-                     torch.float8_e4m3fn: "F8_E4M3"}
+                     torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8"}
 
 
 def write_dit_file(path: str | Path, cfg: DiTConfig = TURBO, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -126,7 +126,7 @@ def write_random_file(path: str | Path, shapes: dict[str, tuple[int, ...]], seed
     "cuda" draws the numbers on the GPU (other values, same distribution): one CPU core draws ~10 B numbers, the
     full DiT and text encoder, in minutes, which a benchmark call on a lent GPU cannot spare."""
     path = Path(path)
-    head, _ = safetensors_header(shapes, dtype)
+    head, _, _ = safetensors_header(shapes, dtype)
     g = torch.Generator(device).manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
@@ -142,31 +142,42 @@ def write_random_file(path: str | Path, shapes: dict[str, tuple[int, ...]], seed
     return path
 
 
-def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> tuple[bytes, int]:
+def safetensors_header(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype | dict[str, torch.dtype],
+                       metadata: dict[str, str] | None = None) -> tuple[bytes, int, dict[str, int]]:
     """A safetensors file's first bytes (length, then the JSON header padded so the data starts 8-byte aligned)
-    for tensors of `shapes` stored in that order, and the size of the data that follows."""
-    size = torch.empty((), dtype=dtype).element_size()
-    header, offset = {}, 0
+    for tensors of `shapes` stored in that order (one dtype, or one per name), the size of the data that follows,
+    and each tensor's offset in it."""
+    header, offset, offsets = {}, 0, {}
+    if metadata:
+        header["__metadata__"] = metadata
     for name, shape in shapes.items():
-        n = size * math.prod(shape)
-        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        t_dtype = dtype[name] if isinstance(dtype, dict) else dtype
+        n = torch.empty((), dtype=t_dtype).element_size() * math.prod(shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPE[t_dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offsets[name] = offset
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob, offset
+    return struct.pack("<Q", len(blob)) + blob, offset, offsets
 
 
 def write_hollow_file(path: str | Path, shapes: dict[str, tuple[int, ...]],
-                      dtype: torch.dtype = torch.bfloat16) -> Path:
+                      dtype: torch.dtype | dict[str, torch.dtype] = torch.bfloat16,
+                      filled: dict[str, Tensor] | None = None, metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file of all-zero tensors whose data is a hole in the file system: any size in an instant,
     and no disk. For tests of how a loader uses memory, which reads every byte the same whatever its value (the
-    page cache fills a page for a hole as for data); never for a test of what a model computes."""
+    page cache fills a page for a hole as for data); never for a test of what a model computes.
+
+    filled: tensors written for real (small ones a loader must parse, such as quantization declarations)."""
     path = Path(path)
-    head, data = safetensors_header(shapes, dtype)
+    head, data, offsets = safetensors_header(shapes, dtype, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(len(head) + data)
+        for name, t in (filled or {}).items():
+            f.seek(len(head) + offsets[name])
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return path
 
 
