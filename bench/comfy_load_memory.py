@@ -67,7 +67,7 @@ if {forward!r} and {part!r} == "dit":
     with torch.no_grad():
         model.model.apply_model(x, sigma, c_crossattn=ctx, num_tokens=32)
     result["forward_s"] = round(time.perf_counter() - t, 2)
-    result["anon_after_forward_gb"] = round((anon_kb() - base) / 2**20, 3)
+    result["anon_after_forward_gb"] = round((status_kb("RssAnon") - base) / 2**20, 3)
 print("RESULT " + json.dumps(result))
 '''
 
@@ -82,43 +82,6 @@ def measure(side: str, path: Path, dtype: str, version: str, forward: bool, part
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def write_hollow(kind: str, path: Path) -> Path:
-    """A full-size quantized file in Comfy-Org's layout, data a hole: z_image_turbo_int8_convrot (the block
-    Linears int8 with per-row scales and their ConvRot declaration, everything else F32) or qwen_3_4b_fp8_mixed
-    (every projection fp8 with a per-tensor scale but the first and last layers', the rest bf16)."""
-    import json
-
-    import torch
-    sys.path.insert(0, str(REPO))
-    from zimage_core import synthetic
-    from zimage_core.text_encoder import QWEN3_4B, Qwen3Encoder
-    if kind == "int8_convrot":
-        base, conf = synthetic.dit_shapes(), {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
-        layers = [k[:-7] for k, v in base.items() if len(v) == 2 and k.split(".")[0] in
-                  ("layers", "noise_refiner", "context_refiner")]
-        plain = torch.float32
-    else:
-        with torch.device("meta"):
-            base = {k: tuple(v.shape) for k, v in Qwen3Encoder(QWEN3_4B).state_dict().items()}
-        last = QWEN3_4B.n_layers - 1
-        conf, plain = {"format": "float8_e4m3fn"}, torch.bfloat16
-        layers = [k[:-7] for k in base if k.endswith("_proj.weight")
-                  and not k.startswith(("model.layers.0.", f"model.layers.{last}."))]
-    stored = torch.int8 if kind == "int8_convrot" else torch.float8_e4m3fn
-    shapes, dtypes, filled = {}, {}, {}
-    declaration = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
-    for name, shape in base.items():
-        layer = name[:-len(".weight")]
-        shapes[name], dtypes[name] = shape, (stored if layer in layers else plain)
-        if layer in layers:
-            scale_shape = (shape[0], 1) if kind == "int8_convrot" else ()
-            shapes[f"{layer}.weight_scale"], dtypes[f"{layer}.weight_scale"] = scale_shape, torch.float32
-            filled[f"{layer}.weight_scale"] = torch.ones(scale_shape)
-            shapes[f"{layer}.comfy_quant"], dtypes[f"{layer}.comfy_quant"] = (len(declaration),), torch.uint8
-            filled[f"{layer}.comfy_quant"] = declaration
-    return synthetic.write_hollow_file(path, shapes, dtypes, filled)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", type=Path)
@@ -130,7 +93,9 @@ def main() -> None:
                     help="write FILE as a full-size hollow quantized file, then stop")
     args = ap.parse_args()
     if args.write_hollow:
-        print(f"wrote {write_hollow(args.write_hollow, args.file)}")
+        sys.path.insert(0, str(REPO))
+        from zimage_core.synthetic import write_hollow_quantized
+        print(f"wrote {write_hollow_quantized(args.write_hollow, args.file)}")
         return
     rows = [measure(side, args.file, args.dtype, args.comfyui, args.forward, args.part) for side in ("pack", "core")]
     size_gb = args.file.stat().st_size / 2**30

@@ -109,7 +109,7 @@ def _quantized_clip(target, n_params: int, options: dict, meta, report, read) ->
     file_keys = [read.names[k] for k in meta.state_dict()] + [k for k in read.stored_keys if q.format_of(k)]
     ours = {src: our for our, src in read.names.items()}
     prefix = "model." if any(our != src for our, src in read.names.items()) else ""     # a bare Qwen3Model
-    sd = {ours.get(k, prefix + k): v for k, v in quantized.stored_tensors(q, file_keys, read.stored).items()}
+    sd = {ours.get(k, prefix + k): v for k, v in quantized.stored_tensors(q, file_keys, read.stored_many).items()}
     clip = quantized.build_clip(target, n_params, options, sd)
     loaded = clip.cond_stage_model.qwen3_4b.transformer.state_dict()
     _check_taken(report.file, sorted(set(meta.state_dict()) - set(loaded)), [])

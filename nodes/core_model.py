@@ -161,7 +161,7 @@ def load_quantized_model(source, weight_dtype: str, disable_dynamic: bool, meta_
     _size_timestep_embedder(model.diffusion_model, report.config, compute, None, device=None)
     patcher = _patcher(model, disable_dynamic)
     keys = [k for k in meta_dit.state_dict()] + [k for k in read.stored_keys if report.quantization.format_of(k)]
-    sd = quantized.stored_tensors(report.quantization, dict.fromkeys(keys), read.stored)
+    sd = quantized.stored_tensors(report.quantization, keys, read.stored_many)
     missing, unexpected = model.diffusion_model.load_state_dict(
         sd, strict=False, assign=getattr(patcher, "is_dynamic", lambda: False)())
     missing = [k for k in missing if k not in UNUSED_CORE_KEYS]

@@ -91,10 +91,10 @@ def declarations(q: Quantization) -> dict[str, torch.Tensor]:
             for layer, conf in q.layers.items()}
 
 
-def stored_tensors(q: Quantization, keys, stored) -> dict[str, torch.Tensor]:
+def stored_tensors(q: Quantization, keys, read_many) -> dict[str, torch.Tensor]:
     """The file's tensors as core's loader gets them: weights and scales as stored, declarations in the form the
-    running ComfyUI reads. keys: the file's keys the model takes; stored(key): the file's tensor."""
-    sd = {k: stored(k) for k in keys if not k.endswith(LAYER_KEY)}
+    running ComfyUI reads. keys: the file's keys the model takes; read_many(keys): the file's tensors."""
+    sd = read_many([k for k in keys if not k.endswith(LAYER_KEY)])
     sd.update(declarations(q))
     return sd
 

@@ -271,3 +271,22 @@ def test_fp8_casts_ask_core_for_the_lora_compute_dtype(monkeypatch):
     pack_ops.cast_weight(torch.nn.Linear(8, 4), x, dtype=torch.float32)
     assert seen[0]["compute_dtype"] == mm.lora_compute_dtype(x.device) and seen[0]["want_requant"] is True
     assert "compute_dtype" not in seen[1]                 # no narrower storage: nothing to requantize
+
+
+# ---- the released files' layouts, at full size ----
+
+def test_the_released_int8_and_fp8_mixed_layouts_are_read_at_full_size(tmp_path):
+    """z_image_turbo_int8_convrot (857 tensors: 202 int8 block Linears with scales and declarations, F32 else) and
+    qwen_3_4b_fp8_mixed, full size and hollow (no disk): the strict check takes them as Turbo and Qwen3-4B, with
+    every declared layer, reading nothing but the headers and declarations."""
+    import_pack()
+    from zimage_core.config import TURBO
+    from zimage_core.loading import prepare_dit, prepare_text_encoder
+    from zimage_core.text_encoder import QWEN3_4B
+    dit = synthetic.write_hollow_quantized("int8_convrot", tmp_path / "z_image_turbo_int8_convrot.safetensors")
+    _, report, _ = prepare_dit(dit)
+    assert len(report.source_dtypes) == 3 and sum(report.source_dtypes.values()) == 857
+    assert report.config == TURBO and report.quantization.describe() == "202 layers int8_tensorwise"
+    te = synthetic.write_hollow_quantized("fp8_mixed", tmp_path / "qwen_3_4b_fp8_mixed.safetensors")
+    _, report, _ = prepare_text_encoder(te)
+    assert report.config == QWEN3_4B and report.quantization.describe() == "238 layers float8_e4m3fn"

@@ -81,11 +81,8 @@ def is_quant_extra(key: str) -> bool:
 def read_quantization(ckpt: Checkpoint) -> Quantization:
     """The formats a file declares, per layer or in its header; a declaration that cannot be read is an error
     naming the layer (computing with a weight whose format is unknown would be a guess)."""
-    layers = {}
-    for key in ckpt.keys():
-        if key.endswith(LAYER_KEY):
-            layer = key[:-len(LAYER_KEY)]
-            layers[layer] = _parse(ckpt.read(key).numpy().tobytes(), f"{ckpt.name}: {key}")
+    declared = ckpt.read_many([key for key in ckpt.keys() if key.endswith(LAYER_KEY)], copy=True)
+    layers = {key[:-len(LAYER_KEY)]: _parse(t.numpy().tobytes(), f"{ckpt.name}: {key}") for key, t in declared.items()}
     if layers:
         return Quantization(layers, "per-layer .comfy_quant")
     header = ckpt.metadata.get(HEADER_KEY)

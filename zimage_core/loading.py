@@ -186,7 +186,7 @@ def dit_plan(ckpt: Checkpoint) -> tuple[str, dict[str, str | tuple[str, ...]], l
 def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]],
                q: formats.Quantization) -> Callable[[str], Tensor]:
     """read(our key) -> the weight's value, in a dtype that holds it exactly: as stored, or fp32 where an fp8
-    weight has a scale to apply. A weight in a declared format is never read as a value (read.stored gives the
+    weight has a scale to apply. A weight in a declared format is never read as a value (read.stored_many gives the
     file's tensors as they are, for core's operations)."""
     def read(key: str) -> Tensor:
         src = plan[key]
@@ -210,7 +210,7 @@ def _dit_reader(ckpt: Checkpoint, plan: Mapping[str, str | tuple[str, ...]],
             return None
         return ckpt.read(src), scale.reshape(())
     read.scaled_fp8 = scaled_fp8
-    read.stored, read.stored_keys = ckpt.read, ckpt.keys()
+    read.stored_many, read.stored_keys = ckpt.read_many, ckpt.keys()
     return read
 
 
@@ -345,7 +345,7 @@ def prepare_text_encoder(source: Source) -> tuple[Qwen3Encoder, LoadReport, Call
     def read(key: str) -> Tensor:
         _refuse_quantized(ckpt, q, (names[key],))
         return ckpt.read(names[key])
-    read.stored, read.stored_keys, read.names = ckpt.read, ckpt.keys(), names
+    read.stored_many, read.stored_keys, read.names = ckpt.read_many, ckpt.keys(), names
     return model, report, read
 
 

@@ -181,6 +181,35 @@ def write_hollow_file(path: str | Path, shapes: dict[str, tuple[int, ...]],
     return path
 
 
+def write_hollow_quantized(kind: str, path: str | Path) -> Path:
+    """A full-size quantized file in Comfy-Org's layout, hollow (write_hollow_file): "int8_convrot" as
+    z_image_turbo_int8_convrot (the 202 block Linears int8 with per-row scales and a ConvRot declaration, the
+    other 251 tensors F32: 857 tensors, as the released file), "fp8_mixed" as qwen_3_4b_fp8_mixed (the
+    projections fp8 with a per-tensor scale but the first and last layers', the rest bf16)."""
+    if kind == "int8_convrot":
+        base, plain, stored = dit_shapes(), torch.float32, torch.int8
+        conf = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+        layers = {k[:-7] for k, v in base.items() if len(v) == 2 and k.split(".")[0] in
+                  ("layers", "noise_refiner", "context_refiner")}
+    elif kind == "fp8_mixed":
+        base = {k: tuple(v.shape) for k, v in _on_meta(lambda: Qwen3Encoder(QWEN3_4B)).state_dict().items()}
+        plain, stored, conf = torch.bfloat16, torch.float8_e4m3fn, {"format": "float8_e4m3fn"}
+        edge = ("model.layers.0.", f"model.layers.{QWEN3_4B.n_layers - 1}.")
+        layers = {k[:-7] for k in base if k.endswith("_proj.weight") and not k.startswith(edge)}
+    else:
+        raise ValueError(f"kind: {kind!r} is not int8_convrot or fp8_mixed")
+    declaration = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    shapes, dtypes, filled = {}, {}, {}
+    for name, shape in base.items():
+        layer = name[:-len(".weight")]
+        shapes[name], dtypes[name] = shape, (stored if layer in layers else plain)
+        if layer in layers:
+            scale = torch.ones((shape[0], 1) if kind == "int8_convrot" else ())
+            for key, t in ((f"{layer}.weight_scale", scale), (f"{layer}.comfy_quant", declaration)):
+                shapes[key], dtypes[key], filled[key] = tuple(t.shape), t.dtype, t
+    return write_hollow_file(path, shapes, dtypes, filled)
+
+
 def dit_shapes(cfg: DiTConfig = TURBO) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape in the released layout, in the released order."""
     model = _on_meta(lambda: ZImageDiT(cfg))
