@@ -22,6 +22,7 @@ LAYOUT_ARGS = {
     "float8_e4m3fn": ("TensorCoreFP8E4M3Layout", {"scale": "recalculate"}),
     "nvfp4": ("TensorCoreNVFP4Layout", {}),
     "mxfp8": ("TensorCoreMXFP8Layout", {}),
+    "convrot_w4a4": ("TensorCoreConvRotW4A4Layout", {}),
 }
 
 
@@ -41,6 +42,8 @@ def quantize_layers(sd: dict[str, torch.Tensor], layers: list[str], fmt: str, he
             conf = {"format": fmt}
             if fmt == "int8_tensorwise":
                 conf.update(convrot=True, convrot_groupsize=256)
+            elif fmt == "convrot_w4a4":
+                conf.update(convrot_groupsize=256)
         else:                                                               # 0.3.75: its one fp8 layout
             assert fmt == "float8_e4m3fn" and header, "0.3.75 writes header-form fp8 only"
             scale = w.abs().max() / torch.finfo(torch.float8_e4m3fn).max
