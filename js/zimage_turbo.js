@@ -11,6 +11,7 @@ import { api } from "../../scripts/api.js";
 const SAMPLER = "ZImageTurboSampler";
 const SAVE = "ZImageTurboSaveImage";
 const SIZE = "ZImageTurboSize";
+const INPAINT = "ZImageInpaintEncode";
 const EMPTY_LATENTS = new Set(["EmptyLatentImage", "EmptySD3LatentImage"]);
 const PRESET_WIDGET = "Z-Image size";
 const CUSTOM = "custom";
@@ -245,6 +246,7 @@ function onExecuted(event) {
     const merged = { ...(samplerRuns.get(detail.prompt_id) ?? {}), ...info };
     state(node).status = formatRun(merged);
     state(node).info = merged;
+    state(node).runWarnings = Array.isArray(info.warnings) ? info.warnings : [];
     redraw(node);
 }
 
@@ -298,6 +300,16 @@ app.registerExtension({
                 if (!size || this.flags?.collapsed) return;
                 state(this).sizeText = `${size[0]} × ${size[1]} px`;
                 drawTag(ctx, state(this).sizeText, 0, this.size[1] + 6, NOTE);
+            });
+        } else if (name === INPAINT) {
+            // what the last run found wrong (an empty mask), above the title until the next run
+            chain(proto, "onDrawForeground", function (ctx) {
+                if (this.flags?.collapsed) return;
+                let y = -titleHeight() - 26;
+                for (const text of state(this).runWarnings ?? []) {
+                    drawTag(ctx, `⚠ ${text}`, 0, y, WARN);
+                    y -= 24;
+                }
             });
         } else if (EMPTY_LATENTS.has(name)) {
             // The combo names the preset width/height match, or "custom", however they were set (typed,

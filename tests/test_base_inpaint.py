@@ -272,19 +272,44 @@ def test_core_set_latent_noise_mask_is_not_diffusers_at_the_seams(server, pipe):
     assert rel > 100 * LATENT_TOL
 
 
-def test_inpaint_errors_name_the_input(server):
+def test_an_empty_mask_runs_with_a_warning_and_a_mask_of_another_size_is_scaled(server):
+    """Load Image's placeholder (an empty mask) runs, nothing repainted, and the node and the console say why; a
+    mask of another size is scaled to the image as core's inpaint nodes scale theirs (a solid 32x32 mask acts as
+    the solid 64x64 one)."""
     write_inputs(server)
     wf = inpaint_job(1, "empty_mask")
     wf["31"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
-    status, body = server.post_prompt(wf)
-    entry = server.wait(body["prompt_id"], timeout=120)
-    error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
-    assert error["node_type"] == "ZImageInpaintEncode" and "mask is empty" in error["exception_message"]
-    wf["31"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 32}}
-    status, body = server.post_prompt(wf)
-    entry = server.wait(body["prompt_id"], timeout=120)
-    error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
-    assert "mask is 32x32 and the image 64x64" in error["exception_message"]
+    log_before = len(server.log_text())
+    entry = server.run(wf, timeout=300)
+    warnings = entry["outputs"]["32"]["zimage"][0]["warnings"]
+    assert len(warnings) == 1 and "the mask is empty" in warnings[0] and "MaskEditor" in warnings[0]
+    assert "the mask is empty" in server.log_text()[log_before:]
+    png, latent = results(server, entry)
+    source = load_latent(server, entry, "34")
+    assert (latent - source).abs().max() <= 1e-6 * source.abs().max()          # nothing repainted
+    runs = []
+    for side in (32, SIZE):
+        wf = inpaint_job(1, f"solid_{side}")
+        wf["31"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": side, "height": side}}
+        entry = server.run(wf, timeout=300)
+        assert entry["outputs"]["32"]["zimage"][0]["warnings"] == []
+        runs.append(results(server, entry))
+    assert np.array_equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def load_latent(server, entry, node):
+    from safetensors.torch import load_file
+    saved = entry["outputs"][node]["latents"][0]
+    raw = load_file(str(server.output / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+    return (raw.float() - SHIFT) * SCALE
+
+
+def test_a_mask_that_is_not_a_mask_is_an_error_naming_it():
+    inpaint = import_pack("nodes.inpaint")
+    with pytest.raises(ValueError, match="mask has shape"):
+        inpaint.latent_mask(torch.zeros(1, 1, 8, 8), 8, 8, 8, 8)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        inpaint.latent_mask(torch.full((1, 8, 8), float("nan")), 8, 8, 8, 8)
 
 
 # ---- in-process: what one guided step costs ---------------------------------------------------------------------

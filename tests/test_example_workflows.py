@@ -12,6 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, RUNTIME, comfyui_tree
@@ -180,6 +181,56 @@ def test_workflow_runs_over_prompt_and_writes_a_real_image(server, name):
     assert f"Steps: {last['steps']}," in params and f"CFG scale: {last['cfg']:g}," in params, params
     assert f"Denoise: {last['denoise']:g}" in params, params
     assert ("Negative prompt:" in params) == ("negative" in last), params
+
+
+def test_the_inpaint_workflow_runs_as_shipped_on_comfyui_s_own_example_image(server):
+    """A new user's first run: a stock input folder (ComfyUI's own example.png, no alpha, nothing painted) and the
+    shipped inpaint workflow with only the model files swapped, at its own size and steps. Load Image gives a
+    64x64 empty placeholder mask: the run gives a picture, and the encode node says the mask is empty. Then with
+    a square painted out (alpha, as the MaskEditor saves it), the result's latent outside the square is the
+    image's own (two SaveLatent nodes added to read it; nothing else changes)."""
+    stock = comfyui_tree(server.version) / "input" / "example.png"
+    (server.base / "input").mkdir(exist_ok=True)
+    (server.base / "input" / "example.png").write_bytes(stock.read_bytes())
+    api = plain(shipped("zimage_turbo_inpaint")[1])
+    wf = json.loads(json.dumps(api))
+    loader = next(n["inputs"] for n in wf.values() if n["class_type"] == "ZImageTurboLoader")
+    for key in ("unet_name", "clip_name", "vae_name"):
+        loader[key] = FILES[loader[key]]
+    assert changed_inputs(api, wf) == {("ZImageTurboLoader", k) for k in ("unet_name", "clip_name", "vae_name")}
+    encode = next(nid for nid, n in wf.items() if n["class_type"] == "ZImageInpaintEncode")
+    sampler = next(nid for nid, n in wf.items() if n["class_type"] == "ZImageTurboSampler")
+    entry = server.run(wf, timeout=900)
+    warnings = entry["outputs"][encode]["zimage"][0]["warnings"]
+    assert len(warnings) == 1 and "the mask is empty" in warnings[0], warnings
+    (images,) = [out["images"] for out in entry["outputs"].values() if "images" in out]
+    width, height = Image.open(stock).size
+    assert Image.open(server.output / images[0]["subfolder"] / images[0]["filename"]).size == \
+        (width // 16 * 16, height // 16 * 16)
+
+    photo = np.asarray(Image.open(stock).convert("RGB"))
+    alpha = np.full(photo.shape[:2], 255, np.uint8)
+    box = (height // 4 // 8 * 8, height // 2 // 8 * 8, width // 4 // 8 * 8, width // 2 // 8 * 8)   # on latent cells
+    alpha[box[0]:box[1], box[2]:box[3]] = 0
+    Image.fromarray(np.dstack([photo, alpha]), "RGBA").save(server.base / "input" / "example_painted.png")
+    next(n for n in wf.values() if n["class_type"] == "LoadImage")["inputs"]["image"] = "example_painted.png"
+    wf["s1"] = {"class_type": "SaveLatent", "inputs": {"samples": [encode, 0], "filename_prefix": "latents/src"}}
+    wf["s2"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": "latents/out"}}
+    entry = server.run(wf, timeout=900)
+    assert entry["outputs"][encode]["zimage"][0]["warnings"] == []
+    source, result = (latent_of(server, entry, node) for node in ("s1", "s2"))
+    keep = torch.ones_like(source, dtype=torch.bool)
+    keep[..., box[0] // 8:box[1] // 8, box[2] // 8:box[3] // 8] = False
+    outside = ((result - source).abs()[keep].max() / source.abs().max()).item()
+    inside = ((result - source).abs()[~keep].max() / source.abs().max()).item()
+    print(f"{server.version} shipped inpaint on example.png: outside the mask {outside:.1e}, inside {inside:.2f}")
+    assert outside <= 1e-6 and inside > 0.1
+
+
+def latent_of(server, entry, node):
+    from safetensors.torch import load_file
+    saved = entry["outputs"][node]["latents"][0]
+    return load_file(str(server.output / saved["subfolder"] / saved["filename"]))["latent_tensor"].float()
 
 
 def graph_to_prompt(page, ui: dict) -> dict:
