@@ -227,6 +227,25 @@ def test_the_inpaint_workflow_runs_as_shipped_on_comfyui_s_own_example_image(ser
     assert outside <= 1e-6 and inside > 0.1
 
 
+def test_the_image_to_image_workflow_runs_as_shipped_on_comfyui_s_example_image(server):
+    """The other workflow whose Load Image names example.png, with only the model files swapped: a picture at
+    the image's size (cropped to multiples of 16)."""
+    stock = comfyui_tree(server.version) / "input" / "example.png"
+    (server.base / "input").mkdir(exist_ok=True)
+    (server.base / "input" / "example.png").write_bytes(stock.read_bytes())
+    api = plain(shipped("zimage_turbo_image_to_image")[1])
+    assert next(n for n in api.values() if n["class_type"] == "LoadImage")["inputs"]["image"] == "example.png"
+    wf = json.loads(json.dumps(api))
+    loader = next(n["inputs"] for n in wf.values() if n["class_type"] == "ZImageTurboLoader")
+    for key in ("unet_name", "clip_name", "vae_name"):
+        loader[key] = FILES[loader[key]]
+    entry = server.run(wf, timeout=900)
+    (images,) = [out["images"] for out in entry["outputs"].values() if "images" in out]
+    width, height = Image.open(stock).size
+    image = Image.open(server.output / images[0]["subfolder"] / images[0]["filename"])
+    assert image.size == (width // 16 * 16, height // 16 * 16) and np.asarray(image).std() > 1
+
+
 def latent_of(server, entry, node):
     from safetensors.torch import load_file
     saved = entry["outputs"][node]["latents"][0]
