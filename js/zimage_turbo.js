@@ -18,8 +18,10 @@ const CUSTOM = "custom";
 export const CFG_HINT = "Turbo is distilled for cfg 1: above 1 doubles time and burns the image";
 export const BASE_STEPS_HINT = "Base needs 30-50 steps, or the Fun distill LoRA for 8";
 
-// Same table as nodes/sampling.py (VARIANTS): what picking a variant writes into steps and cfg.
-export const VARIANTS = { turbo: { steps: 8, cfg: 1, label: "Turbo" }, base: { steps: 50, cfg: 4, label: "Base" } };
+// Same table as nodes/sampling.py (VARIANTS): what picking a variant writes into steps and cfg; and, shown beside
+// it, the sampler ComfyUI's official Z-Image template of that variant uses (TEMPLATE_SAMPLERS there).
+export const VARIANTS = { turbo: { steps: 8, cfg: 1, label: "Turbo", template: "res_multistep" },
+                          base: { steps: 50, cfg: 4, label: "Base", template: "res_multistep" } };
 
 // The warnings nodes/sampling.py (variant_warnings) gives after a run, here while the values are edited.
 export function variantWarnings(variant, steps, cfg, hasLora) {
@@ -29,12 +31,13 @@ export function variantWarnings(variant, steps, cfg, hasLora) {
     return found;
 }
 
-// "Base preset: 50 steps · cfg 4", with "(edited)" when steps or cfg differ from it.
+// "Base preset: 50 steps · cfg 4 (template: res_multistep)", with "(edited)" when steps or cfg differ from it.
 export function variantNote(variant, steps, cfg) {
     const preset = VARIANTS[variant ?? "turbo"];
     if (!preset) return "";
     const edited = steps !== preset.steps || cfg !== preset.cfg ? " (edited)" : "";
-    return `${preset.label} preset: ${preset.steps} steps · cfg ${preset.cfg}${edited}`;
+    return `${preset.label} preset: ${preset.steps} steps · cfg ${preset.cfg}${edited} · ComfyUI's template ` +
+        `samples with ${preset.template}`;
 }
 
 // Same table and rounding as nodes/image.py (ASPECTS, BASES, preset_size): about base² pixels, sides ÷16.

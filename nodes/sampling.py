@@ -2,6 +2,10 @@
 sampling (comfy.sample.sample_custom), so LoRAs, model patches, wrappers, ControlNets, masks, partial loading
 and dynamic VRAM act here exactly as in KSampler; seed noise, progress bar and Stop as ComfyUI makes them.
 
+Any other sampler and scheduler from ComfyUI's lists (the official templates use res_multistep) runs as core's
+KSampler runs it on the model with ModelSamplingAuraFlow at the sampler's shift: core's sampler object and
+core's sigmas; the pack adds its checks, CFG options and progress to it.
+
 Turbo (distilled: 8 steps, cfg 1) and Base (50 steps, real CFG with a negative) share the architecture and the
 schedule; the `variant` input only picks the defaults the canvas applies and the warnings. Base's CFG options
 (diffusers' cfg_normalization and cfg_truncation) are two of core's public model hooks, set on a clone."""
@@ -174,14 +178,34 @@ def check_model_shift(model, shift: float) -> None:
                          f"or remove that node")
 
 
-def progress(steps: int):
-    """core's sample_custom callback: the progress bar, and the Stop button checked after every step."""
+def progress(steps: int, truncation: Truncation | None = None):
+    """core's sample_custom callback: the progress bar, and the Stop button checked after every step. With core's
+    samplers (which may call the model more than once a step) it also tells the truncation the next step."""
     bar = comfy.utils.ProgressBar(steps)
 
     def on_step(step, x0, x, total):
         bar.update_absolute(step + 1, total)
+        if truncation is not None:
+            truncation.step = min(step + 1, len(truncation.skip) - 1)
         mm.throw_exception_if_processing_interrupted()
     return on_step
+
+
+# The pack's own Euler on its own schedule: what the sampler ran before it took a sampler name (the same picture
+# as core's euler + simple within rounding; kept exactly, so saved workflows give the same bits).
+PACK_EULER = ("euler", "simple")
+
+
+def core_sampling(model, sampler_name: str, scheduler: str, steps: int, shift: float, denoise: float):
+    """(the model with its sampling at `shift`, core's sampler object, core's sigmas), as core's KSampler makes
+    them after ModelSamplingAuraFlow(shift): the model's flow sampling set to the shift (unless a node upstream
+    already did, checked equal), the sigmas from core's scheduler with KSampler's denoise rule."""
+    current = getattr(model.get_model_object("model_sampling"), "shift", None)
+    if current is None or not math.isclose(float(current), shift, rel_tol=1e-6):
+        from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+        model = ModelSamplingAuraFlow().patch_aura(model, shift)[0]
+    sigmas = comfy.samplers.KSampler(model, steps, "cpu", sampler_name, scheduler, denoise).sigmas
+    return model, comfy.samplers.sampler_object(sampler_name), sigmas
 
 
 class ZImageTurboSampler:
@@ -234,11 +258,19 @@ class ZImageTurboSampler:
                                              "tooltip": "diffusers' cfg_truncation: steps whose normalised time "
                                                         "(1 - sigma) is above this run without CFG (positive "
                                                         "only, one pass). 1: CFG on every step."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {
+                    "default": PACK_EULER[0],
+                    "tooltip": "ComfyUI's samplers. euler with simple is Z-Image's own (as diffusers samples it); "
+                               "ComfyUI's official Z-Image templates use res_multistep. Any choice gives the same "
+                               "picture as KSampler with ModelSamplingAuraFlow at this shift, same seed."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {
+                    "default": PACK_EULER[1],
+                    "tooltip": "ComfyUI's schedulers; simple is Z-Image's shifted schedule (the templates use it)."}),
             },
         }
 
     def run(self, model, positive, latent_image, seed, steps, cfg, shift, denoise, negative=None, variant="turbo",
-            cfg_normalization=0.0, cfg_truncation=1.0):
+            cfg_normalization=0.0, cfg_truncation=1.0, sampler_name=PACK_EULER[0], scheduler=PACK_EULER[1]):
         started = time.perf_counter()
         zimage_dit(model, "Z-Image Sampler")     # another model would run with Z-Image's schedule, wrongly
         check_numbers(cfg=cfg, shift=shift, denoise=denoise)
@@ -247,6 +279,10 @@ class ZImageTurboSampler:
                 raise ValueError(f"{name} is {value}: send a finite number (0 and 1 turn the two options off)")
         if variant not in VARIANTS:
             raise ValueError(f"variant is {variant!r}: send one of {', '.join(VARIANTS)}")
+        for name, value, known in (("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
+                                   ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):
+            if value not in known:
+                raise ValueError(f"{name} is {value!r}: send one of ComfyUI's ({', '.join(known)})")
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         B, width, height = check_latent(latent)
         if cfg != 1.0 and negative is None:
@@ -256,18 +292,24 @@ class ZImageTurboSampler:
             log.warning("Z-Image sampler: %s", text)
         check_model_shift(model, shift)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        sigmas = sigma_schedule(steps, shift, denoise)
+        pack_euler = (sampler_name, scheduler) == PACK_EULER
+        if pack_euler:
+            sigmas = sigma_schedule(steps, shift, denoise)
+        else:
+            model, sampler, sigmas = core_sampling(model, sampler_name, scheduler, steps, shift, denoise)
         model, truncation = with_guidance(model, cfg, cfg_normalization, cfg_truncation, sigmas)
-        sampler = comfy.samplers.KSAMPLER(euler_flow, extra_options={"truncation": truncation})
+        if pack_euler:
+            sampler = comfy.samplers.KSAMPLER(euler_flow, extra_options={"truncation": truncation})
         # at cfg 1 core never evaluates the negative (its cfg-1 shortcut); an empty list stands for it
         samples = guard.run_guarded(
             "sampling", guard.sampler_remedy(width, height, B), comfy.sample.sample_custom,
             model, noise, cfg, sampler, sigmas, positive,
             negative if negative is not None else [], latent, noise_mask=latent_image.get("noise_mask"),
-            callback=progress(steps), disable_pbar=True, seed=seed)
+            callback=progress(steps, None if pack_euler else truncation), disable_pbar=True, seed=seed)
         # what the canvas shows with the result and the save node writes into PNGs: the values actually used
         info = {"seed": seed, "steps": steps, "cfg": cfg, "shift": shift, "denoise": denoise, "batch": B,
                 "variant": variant, "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation,
+                "sampler_name": sampler_name, "scheduler": scheduler,
                 "warnings": warnings,
                 "width": width, "height": height,
                 "seconds": round(time.perf_counter() - started, 3),

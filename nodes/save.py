@@ -148,7 +148,13 @@ def generation_info(prompt, unique_id, image_size: tuple[int, int]) -> dict:
         if kind == TURBO_SAMPLER:
             # the variant the sampler was told (the files carry no tag); prompts from before it existed: turbo
             base = graph.scalar(sampler, "variant") == "base"
-            info["sampler"] = f"Euler (Z-Image {'Base' if base else 'Turbo'})"
+            label = f"Z-Image {'Base' if base else 'Turbo'}"
+            # the sampler's own Euler unless another of ComfyUI's was picked (prompts from before: its own)
+            name, schedule = graph.scalar(sampler, "sampler_name"), graph.scalar(sampler, "scheduler")
+            if (name or "euler", schedule or "simple") == ("euler", "simple"):
+                info["sampler"] = f"Euler ({label})"
+            elif isinstance(name, str) and isinstance(schedule, str):
+                info["sampler"], info["schedule"] = f"{name} ({label})", schedule
             info["shift"] = graph.scalar(sampler, "shift")
         else:
             name, schedule = graph.scalar(sampler, "sampler_name"), graph.scalar(sampler, "scheduler")

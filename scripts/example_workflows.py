@@ -57,12 +57,13 @@ def size(base: int = 1024) -> dict:
 
 
 def sampler(model, latent, *, steps=8, cfg=1.0, denoise=1.0, negative=None, variant="turbo", seed=42,
-            normalization=0.0, truncation=1.0) -> dict:
+            normalization=0.0, truncation=1.0, sampler_name="euler", scheduler="simple") -> dict:
     inputs = {"model": model, "positive": ["2", 0], "latent_image": latent, "seed": seed, "steps": steps,
               "cfg": cfg, "shift": 3.0, "denoise": denoise}
     if negative:
         inputs["negative"] = negative
-    inputs.update(variant=variant, cfg_normalization=normalization, cfg_truncation=truncation)
+    inputs.update(variant=variant, cfg_normalization=normalization, cfg_truncation=truncation,
+                  sampler_name=sampler_name, scheduler=scheduler)
     return {"class_type": "ZImageTurboSampler", "inputs": inputs}
 
 
@@ -129,7 +130,8 @@ def inpaint():
              "paint over what should change (painted = repaint, the rest is kept).\n2. Describe what goes in the "
              "painted region in the prompt.\n- Only the masked region changes: the sampler keeps the rest of the "
              "latent as the picture's (diffusers' ZImageInpaintPipeline rule).\n- denoise 1 repaints the region "
-             "from scratch; 0.5-0.8 keeps its colours and shapes.\n- An empty mask is an error that says so."]
+             "from scratch; 0.5-0.8 keeps its colours and shapes.\n- Nothing painted: the run repaints nothing "
+             "and the encode node says so."]
     return api, {"8": "Load Image (paint the mask in the MaskEditor)"}, notes
 
 
@@ -180,6 +182,38 @@ def hires():
                  "17": "Pass 2: 2048x2048, denoise 0.4", "18": "VAE Decode (Tiled)"}, notes
 
 
+# ---- twins of ComfyUI's official Z-Image templates (comfyui-workflow-templates-json): their settings, the pack's
+# nodes. The templates sample with core's KSampler after ModelSamplingAuraFlow(3); the pack's sampler takes the
+# same sampler and scheduler (and its shift input is that 3).
+TEMPLATE_TURBO_PROMPT = ("Latina female with thick wavy hair, harbor boats and pastel houses behind. Breezy seaside "
+                         "light, warm tones, cinematic close-up.")
+
+
+def turbo_template():
+    api = {"1": loader(TURBO_DIT), "2": text(TEMPLATE_TURBO_PROMPT), "3": size(),
+           "4": sampler(["1", 0], ["3", 0], sampler_name="res_multistep", scheduler="simple"),
+           "5": decode(["4", 0]), "6": save(["5", 0], "z-image-turbo")}
+    notes = [FILES_NOTE.format(dit=TURBO_DIT),
+             "## ComfyUI's Turbo template, with this pack\nThe settings of ComfyUI's own *Z-Image Turbo* template "
+             "(`image_z_image_turbo`): **res_multistep, simple, 8 steps, cfg 1, shift 3**. The same seed gives "
+             "the template's picture: the sampler runs ComfyUI's res_multistep as KSampler does. The pack's "
+             "other Turbo example samples with euler (as diffusers does)."]
+    return api, {"4": "Z-Image Sampler (res_multistep, as the template)"}, notes
+
+
+def base_template():
+    api = {"1": loader(BASE_DIT), "2": text(PROMPT), "3": size(), "7": text(""),
+           "4": sampler(["1", 0], ["3", 0], steps=25, cfg=4.0, negative=["7", 0], variant="base",
+                        sampler_name="res_multistep", scheduler="simple"),
+           "5": decode(["4", 0]), "6": save(["5", 0], "Z_image_base")}
+    notes = [FILES_NOTE.format(dit=BASE_DIT),
+             "## ComfyUI's Base template, with this pack\nThe settings of ComfyUI's own *Z-Image Base* template "
+             "(`image_z_image`): **res_multistep, simple, 25 steps, cfg 4, shift 3, an empty negative** (the "
+             "template's note: steps 30-50, cfg 3-5). The canvas marks 25 steps as an edit of the base preset "
+             "(50)."]
+    return api, {"4": "Z-Image Base Sampler (res_multistep, as the template)", "7": "Negative prompt"}, notes
+
+
 WORKFLOWS = {
     "zimage_turbo_text_to_image": turbo_text_to_image,
     "zimage_base_text_to_image": base_text_to_image,
@@ -187,7 +221,11 @@ WORKFLOWS = {
     "zimage_turbo_inpaint": inpaint,
     "zimage_turbo_controlnet": controlnet,
     "zimage_turbo_hires_2x": hires,
+    "zimage_turbo_template": turbo_template,
+    "zimage_base_template": base_template,
 }
+# the official template each twin follows, and its settings: tests/test_example_workflows.py reads them there
+TEMPLATE_TWINS = {"zimage_turbo_template": "image_z_image_turbo", "zimage_base_template": "image_z_image"}
 
 
 def canvas(api: dict, titles: dict, notes: list[str], object_info: dict) -> dict:
@@ -318,7 +356,9 @@ def pictures(version: str = "0.30.0", size: int = 256) -> None:
                                       tile=size // 2,
                                       weight_dtype="bf16" if name == "zimage_turbo_controlnet" else None)
                 entry = srv.run(wf, timeout=900)
-                saved = [p for p in srv.output_files(entry) if p.name.startswith("ZImage_")]
+                prefix = next(n["inputs"]["filename_prefix"] for n in api.values()
+                              if n["class_type"] == "ZImageTurboSaveImage")
+                saved = [p for p in srv.output_files(entry) if p.name.startswith(prefix)]
                 image = Image.open(saved[0]).convert("RGB")
                 # small: coloured noise does not compress, and the README shows six of them
                 image.resize((128, 128), Image.LANCZOS).save(docs / f"{name}.png", optimize=True)

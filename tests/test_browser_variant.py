@@ -9,6 +9,7 @@ from test_browser import (APP, WARN_RGB, browser, colour_pixels, frame, load_bun
                           page, redraw, screen_box, server, widget_values)
 
 NOTE_RGB = (0x26, 0x32, 0x3F)          # the preset note's fill colour in js/zimage_turbo.js
+TEMPLATE = " · ComfyUI's template samples with res_multistep"      # what the official templates use
 
 
 def set_widget(page, nid: int, name: str, value) -> None:
@@ -30,18 +31,20 @@ def test_variant_preset_sets_steps_and_cfg_and_the_canvas_warns(page):
     above = screen_box(page, sampler, 0, -130, 600, 100)          # the bands above the title bar
     redraw(page)
     assert widget_values(page, sampler)["variant"] == "turbo"
-    assert zimage_state(page, sampler) == {"note": "Turbo preset: 8 steps · cfg 1", "warnings": [], "cfgHint": False}
+    assert zimage_state(page, sampler) == {"note": f"Turbo preset: 8 steps · cfg 1{TEMPLATE}", "warnings": [],
+                                           "cfgHint": False}
     assert colour_pixels(page, above, NOTE_RGB) > 100 and colour_pixels(page, above, WARN_RGB) == 0
 
     set_widget(page, sampler, "variant", "base")                  # the preset writes steps and cfg
     values = widget_values(page, sampler)
     assert (values["steps"], values["cfg"]) == (50, 4)
-    assert zimage_state(page, sampler) == {"note": "Base preset: 50 steps · cfg 4", "warnings": [], "cfgHint": False}
+    assert zimage_state(page, sampler) == {"note": f"Base preset: 50 steps · cfg 4{TEMPLATE}", "warnings": [],
+                                           "cfgHint": False}
     assert colour_pixels(page, above, WARN_RGB) == 0
 
     set_widget(page, sampler, "steps", 8)                         # Base at Turbo's steps, no LoRA upstream
     state = zimage_state(page, sampler)
-    assert state["note"].endswith("(edited)") and len(state["warnings"]) == 1
+    assert "(edited)" in state["note"] and len(state["warnings"]) == 1
     assert "distill LoRA" in state["warnings"][0]
     assert colour_pixels(page, above, WARN_RGB) > 100, "the red Base-steps warning is not on screen"
 
@@ -66,4 +69,5 @@ def test_a_canvas_workflow_saved_before_the_new_inputs_loads_with_their_defaults
     frame(page)
     values = widget_values(page, node["id"])
     assert (values["seed"], values["steps"], values["cfg"], values["variant"], values["cfg_normalization"],
-            values["cfg_truncation"]) == (777, 12, 1.0, "turbo", 0.0, 1.0)
+            values["cfg_truncation"], values["sampler_name"], values["scheduler"]) == \
+        (777, 12, 1.0, "turbo", 0.0, 1.0, "euler", "simple")

@@ -9,6 +9,7 @@ import json
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ from conftest import REPO, RUNTIME, comfyui_tree
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
 from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402  (the ControlNet needs dim 3840)
-from example_workflows import (API, BASE_DIT, CUT, FUN_CONTROLNET, NOTE_TYPES, TEXT_ENCODER, TURBO_DIT, VAE,  # noqa: E402
-                               WORKFLOWS, api_of_canvas, changed_inputs, for_tiny_weights)
+from example_workflows import (API, BASE_DIT, CUT, FUN_CONTROLNET, NOTE_TYPES, TEMPLATE_TWINS, TEXT_ENCODER,  # noqa: E402
+                               TURBO_DIT, VAE, WORKFLOWS, api_of_canvas, changed_inputs, for_tiny_weights)
 
 PACK = "comfyui_zimage_turbo"
 FOLDER = REPO / "example_workflows"
@@ -88,7 +89,7 @@ def server(request, tmp_path_factory):
 
 
 def test_every_workflow_has_an_api_twin_a_thumbnail_and_the_released_files():
-    assert len(NAMES) == 6, NAMES
+    assert len(NAMES) == 8, NAMES
     canvases = sorted(p.stem for p in FOLDER.glob("*.json"))
     assert set(NAMES) <= set(canvases)
     for name in canvases:            # every canvas file the template browser lists has its twin and thumbnail
@@ -118,6 +119,9 @@ def test_the_presets_are_the_variants_settings():
         api = shipped(name)[1]
         for s in sampler_settings(api):
             assert s["shift"] == 3.0
+            if name in TEMPLATE_TWINS:                   # the official templates' own: the next test
+                continue
+            assert (s["sampler_name"], s["scheduler"]) == ("euler", "simple"), name
             if s["variant"] == "turbo":
                 assert (s["steps"], s["cfg"], "negative" in s) == (8, 1.0, False), name
             else:
@@ -129,6 +133,40 @@ def test_the_presets_are_the_variants_settings():
     kinds = {n["class_type"]: n["inputs"] for n in shipped("zimage_turbo_hires_2x")[1].values()}
     assert 1.5 <= kinds["ImageScaleBy"]["scale_by"] <= 2.0
     assert {"VAEEncodeTiled", "VAEDecodeTiled"} <= kinds.keys()
+
+
+def official_template(name: str) -> dict:
+    """ComfyUI's own template, from the PyPI package ComfyUI installs (comfyui-workflow-templates-json)."""
+    import importlib.util
+    spec = importlib.util.find_spec("comfyui_workflow_templates_json")
+    if spec is None:
+        pytest.skip("comfyui-workflow-templates-json is not installed (ComfyUI's requirements install it)")
+    folder = Path(spec.submodule_search_locations[0]) / "templates"
+    return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def template_nodes(ui: dict) -> dict[str, list]:
+    """Each node type's widget values in a template, subgraphs included (the templates keep their graph in one)."""
+    found = {}
+    for graph in [ui, *ui.get("definitions", {}).get("subgraphs", [])]:
+        for node in graph.get("nodes", []):
+            found.setdefault(node["type"], node.get("widgets_values"))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_TWINS))
+def test_the_template_twins_carry_the_official_templates_settings(name):
+    """zimage_*_template: the official template's sampler, scheduler, steps, cfg, shift, size and denoise, read
+    from the template file ComfyUI ships, on the pack's nodes."""
+    nodes = template_nodes(official_template(TEMPLATE_TWINS[name]))
+    seed, _, steps, cfg, sampler_name, scheduler, denoise = nodes["KSampler"]
+    (ours,) = sampler_settings(shipped(name)[1])
+    assert (ours["sampler_name"], ours["scheduler"], ours["steps"], ours["cfg"], ours["denoise"]) == \
+        (sampler_name, scheduler, steps, cfg, denoise)
+    assert ours["shift"] == nodes["ModelSamplingAuraFlow"][0]
+    size = next(n["inputs"] for n in shipped(name)[1].values() if n["class_type"] == "ZImageTurboSize")
+    assert [size["width"], size["height"]] == nodes["EmptySD3LatentImage"][:2]
+    assert ("negative" in ours) == (cfg > 1)
 
 
 def test_canvas_files_are_served_to_the_template_browser_and_describe_the_api_graph(server):
@@ -180,7 +218,8 @@ def test_workflow_runs_over_prompt_and_writes_a_real_image(server, name):
     params = png_parameters(path)
     assert f"Steps: {last['steps']}," in params and f"CFG scale: {last['cfg']:g}," in params, params
     assert f"Denoise: {last['denoise']:g}" in params, params
-    assert ("Negative prompt:" in params) == ("negative" in last), params
+    negative = wf[last["negative"][0]]["inputs"]["text"] if "negative" in last else ""
+    assert ("Negative prompt:" in params) == bool(negative), params          # an empty one gets no line
 
 
 def test_the_inpaint_workflow_runs_as_shipped_on_comfyui_s_own_example_image(server):

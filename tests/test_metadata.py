@@ -199,6 +199,17 @@ def test_the_sampler_line_names_the_variant_it_ran(save, variant, label):
     assert save.generation_info(graph, "6", (10, 10))["sampler"] == f"Euler (Z-Image {label})"
 
 
+def test_the_sampler_line_names_another_sampler_and_its_schedule(save):
+    """With one of ComfyUI's samplers picked, the PNG says which (A1111's Sampler and Schedule type fields)."""
+    graph = save_node_graph(sampler_name="res_multistep", scheduler="beta", variant="base")
+    info = save.generation_info(graph, "6", (10, 10))
+    assert (info["sampler"], info["schedule"]) == ("res_multistep (Z-Image Base)", "beta")
+    params = parse_parameters(save.a1111_parameters(info))[2]
+    assert params["Sampler"] == "res_multistep (Z-Image Base)" and params["Schedule type"] == "beta"
+    named_default = save.generation_info(save_node_graph(sampler_name="euler", scheduler="simple"), "6", (10, 10))
+    assert named_default["sampler"] == "Euler (Z-Image Turbo)" and "schedule" not in named_default
+
+
 def test_a_value_computed_by_another_node_is_left_out(save):
     graph = save_node_graph(steps=["7", 0])
     graph["7"] = {"class_type": "SomeMath", "inputs": {"a": ["3", 1], "b": ["3", 2]}}
