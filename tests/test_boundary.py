@@ -4,7 +4,7 @@ import sys
 
 from conftest import REPO
 
-MODULES = ["checkpoint", "config", "dit", "errors", "fastpath", "keys", "layers", "loading", "lora", "memory", "pipeline",
+MODULES = ["checkpoint", "config", "dit", "errors", "fastpath", "formats", "keys", "layers", "loading", "lora", "memory", "pipeline",
            "precision", "quant", "rope", "sampling", "synthetic", "text_encoder", "tokenizer", "vae"]
 
 
