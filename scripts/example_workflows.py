@@ -150,8 +150,9 @@ def controlnet():
              "DWPose) or any tool. Give it the output's aspect: it is scaled to the latent's size and centre-"
              "cropped.\n- **strength 0.75** is alibaba-pai's value for Union 1.0 (0.9 for 2.1).\n- **end_percent "
              "0.8**: the control stops for the last steps, which keeps the texture that full-length control "
-             "flattens (0.5-0.8 works; 1 = core's ZImageFunControlnet).\n- Needs ComfyUI 0.3.76 or newer (core's "
-             "Fun ControlNet)."]
+             "flattens (0.5-0.8 works; 1 = all steps).\n- The control is computed as its trainer (VideoX-Fun) "
+             "computed it: it also reads the prompt, unlike core's ZImageFunControlnet.\n- Needs ComfyUI 0.3.76 "
+             "or newer (core's Fun ControlNet model)."]
     return api, {"12": "Control image (depth map or pose)", "11": "Load Model Patch (Fun ControlNet)",
                  "13": "Z-Image Fun ControlNet (ends at 80%)"}, notes
 

@@ -8,7 +8,9 @@ hook); everything else (embedders, norms, pad tokens, the timestep MLP) is held 
 in fp32, so both sides multiply the same numbers in the same precision. (The timestep MLP must not be a hooked
 bf16 layer: diffusers' TimestepEmbedder casts its sinusoid to that layer's stored dtype, rounding t to bf16.)
 
-`core_tokens`: diffusers with the control stream cut to what ComfyUI's ZImageControlPatch computes on (see
+Two rules: the trainer's (VideoX-Fun's, which made the released files; what the pack's node computes): diffusers
+as it is plus the control refiner's hints on the DiT's own noise refiner (`dit_gets_refiner_hints`); and core's
+(`core_tokens`): diffusers with the control stream cut to what ComfyUI's ZImageControlPatch computes on (see
 `use_core_token_set`), to tell the difference of token sets from anything else.
 
 Usage: python tests/controlnet_reference.py JOB.json  (JOB lists the files and the cases; torch.save of the
@@ -202,6 +204,42 @@ def use_core_token_set(pipe, n_img: int) -> list:
     return handles
 
 
+def dit_gets_refiner_hints(cn, dit) -> list:
+    """The trainer's (VideoX-Fun's) refiner hints on diffusers: the 2.x / lite control refiner's hints (scaled) are
+    added to the DiT's own noise-refiner output after its blocks 0 and 1, as VideoX-Fun's
+    ZImageControlTransformer2DModel does; diffusers 0.42.1 adds them only to the ControlNet's private copy of the
+    image stream. The hints are the skips the refiner stage's last block returns the first time it runs in a
+    ControlNet forward (2.0 runs all control layers there; they run again, over the caption too, later).
+    Returns the hook handles (none for Union 1.0, which has no refiner hints)."""
+    mode = cn.add_control_noise_refiner
+    if mode is None:
+        return []
+    last = (cn.control_layers if mode == "control_layers" else cn.control_noise_refiner)[-1]
+    state = {"hints": None, "in_dit": False, "scale": 1.0}
+
+    def start(module, args, kwargs):
+        state["hints"], state["scale"] = None, kwargs.get("conditioning_scale", 1.0)
+
+    def keep_first(module, args, out):
+        if state["hints"] is None:
+            state["hints"] = out[:-1]
+
+    def dit_on(module, args):
+        state["in_dit"] = True
+
+    def dit_off(module, args, out):
+        state["in_dit"] = False
+    handles = [cn.register_forward_pre_hook(start, with_kwargs=True), last.register_forward_hook(keep_first),
+               dit.register_forward_pre_hook(dit_on), dit.register_forward_hook(dit_off)]
+    for i, place in enumerate(cn.control_refiner_layers_places):
+        def add_hint(module, args, out, i=i):
+            if not state["in_dit"]:               # the ControlNet's own rerun of the shared refiner adds them itself
+                return out
+            return out + state["hints"][i] * state["scale"]
+        handles.append(dit.noise_refiner[place].register_forward_hook(add_hint))
+    return handles
+
+
 def only_on_steps(pipe, steps: set[int]) -> list:
     """control_guidance_start/end as diffusers' Z-Image pipelines lack them: the ControlNet's hints are zeroed on
     the steps outside `steps` (the DiT then adds nothing, as without the ControlNet)."""
@@ -237,6 +275,8 @@ def run_case(pipe, case: dict) -> dict:
     if case.get("core_tokens"):
         # real image tokens: (h/16) * (w/16), the rest of the 32-multiple is padding
         handles += use_core_token_set(pipe, (h // 16) * (w // 16))
+    else:                                         # the trainer's rule: diffusers + the refiner hints on the DiT
+        handles += dit_gets_refiner_hints(pipe.controlnet, pipe.transformer)
     if case.get("steps_on") is not None:
         handles += only_on_steps(pipe, set(case["steps_on"]))
     kwargs = dict(height=h, width=w, num_inference_steps=case["steps"], guidance_scale=0.0, latents=noise,
