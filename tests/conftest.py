@@ -110,3 +110,47 @@ def write_diffusers_folder(folder: Path):
     pipe.save_pretrained(folder, max_shard_size="100KB")       # shards + index json, as the release has
     return pipe
 
+
+
+# ---- test tiers ---------------------------------------------------------------------------------------------
+# Each test is marked from what it (or any fixture it uses) starts or reads, so `-m fast` runs the in-process
+# tests alone: bash scripts/test.sh -m fast. The full suite (README's test command, CI) runs every tier.
+TIERS = {
+    "server": ("ComfyServer(", "scripts/demo.sh", "pack_and_core(", "started_server(", "http://127.0.0.1"),  # ComfyUI
+    "browser": ("playwright", "chromium"),                                 # the real frontend in Chromium
+    "queue": ("redis", "Redis", "celery", "cluster"),                      # Redis, Celery workers
+    "reference": ("diffusers", "transformers"),                           # diffusers / transformers references
+    "slow": ("fixture_files(", "wide_quantized(", "write_hollow", "full_size", "TURBO)", "released_like(",
+             "bench/", '"bench"', "soak", "_dynamo", "survey"),             # GB-sized files, compiles, benchmarks
+}
+
+
+def _source(obj) -> str:
+    import inspect
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _used_sources(item) -> str:
+    """The test's own source and every fixture's in its closure (those this repo defines)."""
+    parts = [_source(getattr(item, "function", None))]
+    for defs in getattr(item, "_fixtureinfo").name2fixturedefs.values():
+        for d in defs:
+            if str(REPO) in str(getattr(d.func, "__code__", None) and d.func.__code__.co_filename):
+                parts.append(_source(d.func))
+    return "\n".join(parts)
+
+
+def pytest_configure(config):
+    for tier in (*TIERS, "fast"):
+        config.addinivalue_line("markers", f"{tier}: set by conftest.py from what the test uses")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = _used_sources(item)
+        tiers = [t for t, needles in TIERS.items() if any(n in used for n in needles)]
+        for tier in tiers or ["fast"]:
+            item.add_marker(getattr(pytest.mark, tier))

@@ -54,6 +54,7 @@ def command(prefix: str) -> str:
 # Each README command, and the test below that runs it.
 COVERED = {
     "bash scripts/demo.sh": "test_demo_command",
+    "bash scripts/test.sh -m fast": "test_the_fast_command_selects_the_in_process_tests",
     "bash scripts/test.sh": "test_the_test_command_is_what_ci_runs",
     "zimage-batch --server": "test_batch_commands",
     "zimage-batch --jobs": "test_batch_commands",
@@ -76,6 +77,25 @@ def test_every_readme_command_is_covered():
 
 def test_the_test_command_is_what_ci_runs():
     assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def collected(*args: str) -> list[str]:
+    out = subprocess.run([PYTHON, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return [line for line in out.stdout.splitlines() if line.startswith("tests/")]
+
+
+def test_the_fast_command_selects_the_in_process_tests():
+    """What `-m fast` selects (the full suite runs those tests too): none from the modules that start servers,
+    Chromium, Redis or diffusers, and a good part of the rest."""
+    fast, every = collected("-m", "fast"), collected()
+    print(f"fast tier: {len(fast)} of {len(every)} tests")
+    assert set(fast) < set(every) and len(fast) > len(every) // 4
+    for module in ("test_server", "test_browser", "test_queue", "test_controlnet_diffusers", "test_quantized_server",
+                   "test_bench_nodes", "test_core_nodes", "test_fun_control"):
+        assert not [t for t in fast if t.startswith(f"tests/{module}.py")], module
+    assert any(t.startswith("tests/test_sampling.py") for t in fast)
 
 
 def test_demo_command():
