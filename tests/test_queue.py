@@ -64,7 +64,8 @@ class Cluster:
             path.write_text(password + "\n")
             path.chmod(0o600)
             self.files[role] = path
-        self.acl = acl_file([(role, self.users[role], self.passwords[role]) for role in self.passwords])
+        self.admin = secrets.token_urlsafe(18)     # 'default', the administrator: reads the ACL LOG
+        self.acl = acl_file([(role, self.users[role], self.passwords[role]) for role in self.passwords], self.admin)
         self.redis = RedisServer(base / "redis", self.acl)
         self.shared = base / "shared"
         self.shared.mkdir()
@@ -81,6 +82,9 @@ class Cluster:
         return env
 
     def redis_as(self, role: str) -> "redis.Redis":
+        if role == "admin":
+            return redis.Redis(host="127.0.0.1", port=self.redis.port, username="default", password=self.admin,
+                               socket_timeout=10)
         return redis.Redis(host="127.0.0.1", port=self.redis.port, username=self.users[role],
                            password=self.passwords[role], socket_timeout=10)
 
@@ -276,6 +280,53 @@ def test_health_answers_for_each_worker(cluster):
     assert c.passwords["ops"] not in result.stdout + result.stderr
 
 
+def documented_ops_commands() -> list[str]:
+    """docs/scale_out.md step 5's `celery … inspect` lines, as written (their comments included: bash drops them)."""
+    doc = (REPO / "docs" / "scale_out.md").read_text(encoding="utf-8")
+    block = doc[doc.index("### 5. Watch it"):]
+    block = block[block.index("```bash\n") + 8:]
+    block = block[:block.index("```")]
+    return [line for line in block.splitlines() if " inspect " in line]
+
+
+def test_the_documented_inspections_exit_0_as_the_ops_user_which_writes_nothing_else(cluster):
+    """Step 5 as written, run as zimage-ops (the cron check): the workers' answers, exit 0, every time; Redis
+    refuses the ops user nothing on the way (its ACL LOG stays empty) and still refuses it every job write."""
+    c = cluster
+    c.ensure_worker("a")
+    c.ensure_worker("b")
+    commands = documented_ops_commands()
+    assert [cmd.split("#")[0].split()[-1] for cmd in commands] == ["zimage_health", "active"], commands
+    admin = c.redis_as("admin")
+    admin.acl_log_reset()
+    env = c.env("ops", ZIMAGE_BROKER=c.url("ops"), PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    for run in range(5):
+        for command in commands:
+            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=REPO,
+                                    env=env)
+            said = result.stdout + result.stderr
+            assert result.returncode == 0, f"run {run + 1}: {command}: exit {result.returncode}\n{said}"
+            assert "a@test: OK" in result.stdout and "b@test: OK" in result.stdout, said
+            assert "2 nodes online." in result.stdout, said
+            if "zimage_health" in command:
+                assert result.stdout.count('"reachable": true') == 2, said
+            assert c.passwords["ops"] not in said
+    refused = [e for e in admin.acl_log(count=100) if e.get("username") == "zimage-ops"]
+    assert not refused, refused
+    ops = c.redis_as("ops")
+    assert ops.llen("zimage") >= 0 and ops.hlen("unacked") >= 0            # it reads the queue and what is out
+    for write in (lambda: ops.lpush("zimage", "x"), lambda: ops.rpush("zimage", "x"),
+                  lambda: ops.brpop(["zimage"], 1), lambda: ops.delete("zimage"),
+                  lambda: ops.set("unacked_mutex", "x", nx=True, px=30000), lambda: ops.delete("unacked_mutex"),
+                  lambda: ops.hset("unacked", "x", "y"), lambda: ops.hdel("unacked", "x"),
+                  lambda: ops.zadd("unacked_index", {"x": 1}), lambda: ops.zrem("unacked_index", "x"),
+                  lambda: ops.set("celery-task-meta-x", "y"), lambda: ops.set("anything", "y"),
+                  lambda: ops.flushall(), lambda: ops.config_get("*"), lambda: ops.keys("*"),
+                  lambda: ops.acl_list()):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            write()
+
+
 def test_a_bad_row_fails_with_comfyuis_error_and_the_rest_run(cluster, tmp_path):
     c = cluster
     rows = tiny_rows(4, "badrow", seed0=500)
@@ -416,7 +467,7 @@ def test_each_user_may_do_its_part_only_and_no_secret_is_shown(cluster):
             assert not any(p in cmdline for p in c.passwords.values()), cmdline
     logs = "".join(log.read_text(errors="replace") for log in c.worker_logs.values())
     assert logs and not any(p in logs for p in c.passwords.values())
-    assert not any(p in c.acl for p in c.passwords.values())
+    assert not any(p in c.acl for p in [*c.passwords.values(), c.admin])
 
 
 def test_tls_required_refuses_plain_and_untrusted_and_runs_jobs_with_the_ca(cluster, tmp_path):

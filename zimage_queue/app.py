@@ -22,7 +22,12 @@ RESULT_EXPIRES = 24 * 3600      # an uncollected result is dropped after a day
 
 
 def make_app(broker: Broker, visibility_timeout: float = VISIBILITY_TIMEOUT,
-             restore_interval: float = RESTORE_INTERVAL) -> Celery:
+             restore_interval: float = RESTORE_INTERVAL, takes_jobs: bool = True) -> Celery:
+    """takes_jobs=False for the operator's tools (celery inspect, Flower): they only read replies and events,
+    consumed without acknowledgement, so they go without kombu's ack emulation. With it, every consumer's poll
+    runs kombu's sweep for lost jobs (QoS.restore_visible: SET unacked_mutex, then moving jobs back onto the
+    queue), writes the ops user may not make: Redis refused them and `celery inspect` exited 69 after printing
+    the answers."""
     backend = f"{__name__}:PolledResults+{broker.url}"
     app = Celery("zimage", broker=broker.url, backend=backend, set_as_current=False)
     transport = {"visibility_timeout": visibility_timeout, "unacked_restore_interval": restore_interval,
@@ -30,6 +35,8 @@ def make_app(broker: Broker, visibility_timeout: float = VISIBILITY_TIMEOUT,
                  "unacked_mutex_expire": 30,        # the sweep's lock: kept short, a dead sweeper holds it no longer
                  "socket_connect_timeout": 10, "socket_timeout": 30,
                  "health_check_interval": 10}
+    if not takes_jobs:
+        transport["ack_emulation"] = False        # kombu's plain QoS: restore_visible does nothing
     app.conf.update(
         task_default_queue=QUEUE, task_default_exchange=QUEUE, task_default_routing_key=QUEUE,
         task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],

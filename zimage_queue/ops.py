@@ -11,4 +11,5 @@ from . import tasks  # noqa: F401  (registers zimage_health, so `celery inspect`
 from .app import make_app
 from .broker import load_broker
 
-app = make_app(load_broker(None))
+# takes no jobs: never sweeps for lost ones (the workers do), so the ops user writes nothing but control replies
+app = make_app(load_broker(None), takes_jobs=False)
