@@ -3,6 +3,7 @@ differs from core's ZImageFunControlnet). Users cut the control early to keep th
 flattens; core's node has no such inputs. Outside [start, end] the patch leaves the DiT's tokens as they are."""
 from __future__ import annotations
 
+from . import comfy_compat
 from .core_model import zimage_dit
 from .fun_control import ControlInputs, TrainerControlPatch
 from .loaders import CATEGORY
@@ -37,9 +38,8 @@ class ScheduledPatch:
 
 def zimage_control(model_patch):
     """Core's ZImage_Control inside a MODEL_PATCH, or an error saying what came in and what to do."""
-    try:
-        from comfy.ldm.lumina.controlnet import ZImage_Control
-    except ImportError:
+    ZImage_Control = comfy_compat.zimage_control_class()
+    if ZImage_Control is None:
         raise ValueError("this ComfyUI has no Z-Image Fun ControlNet (core added it after 0.3.75): update ComfyUI")
     control = getattr(model_patch, "model", None)
     if not isinstance(control, ZImage_Control):

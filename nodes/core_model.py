@@ -6,7 +6,7 @@ patches (Fun ControlNet, ScaleROPE), wrappers, partial loading, dynamic VRAM, co
 through public hooks only: custom operations for fp8 matmul and the fp16 guard (pack_ops), the weights read
 from memory-mapped files (a bf16 file in bf16 is never copied into anonymous memory), fp8 storage of the block
 weights cast tensor by tensor (a scaled fp8 file's values kept with their per-tensor scales), and
-`cached_patcher_init`, the factory ComfyUI calls for a non-dynamic copy.
+the factory ComfyUI calls for a non-dynamic copy (comfy_compat.set_copy_factory).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.supported_models
 import torch
 from comfy.ldm.modules.diffusionmodules.mmdit import TimestepEmbedder
@@ -25,7 +24,7 @@ from ..zimage_core.errors import CheckpointMismatch
 from ..zimage_core.loading import FP8_DTYPES, prepare_dit
 from ..zimage_core.precision import FP8_NAME, choose_dtypes
 from ..zimage_core.quant import BLOCKS, FP8, block_linears
-from . import pack_ops, quantized
+from . import comfy_compat, pack_ops, quantized
 
 log = logging.getLogger("ZImageTurbo")
 
@@ -34,8 +33,7 @@ log = logging.getLogger("ZImageTurbo")
 # 0.30.0 ships 2.8 after 0.3.75's 1.7 ran out of memory on 12-16 GB cards (Comfy-Org/workflow_templates#340).
 # The pack sets 2.8 on every version, so 0.3.75 users get the margin too.
 MEMORY_USAGE_FACTOR = 2.8
-# 0.3.75's NextDiT has an unused final RMSNorm that no file holds; forward never reads it.
-UNUSED_CORE_KEYS = {"norm_final.weight"}
+UNUSED_CORE_KEYS = comfy_compat.UNUSED_CORE_KEYS
 BLOCK_LISTS = tuple(prefix.rstrip(".") for prefix in BLOCKS)      # the DiT's block lists, by attribute
 LOADER_HINT = ("connect the MODEL of a Z-Image loader (the pack's, or core's Load Diffusion Model with a Z-Image "
                "file), after any LoRA or patch nodes")
@@ -130,13 +128,11 @@ def load_model(source: str | Path, weight_dtype: str = "auto", disable_dynamic: 
     _materialise_unused(dit)
     if precision.fp8_matmul:
         pack_ops.fp8_matmul_linears(dit)
-    if hasattr(mm, "archive_model_dtypes"):                     # 0.30.0+: dynamic VRAM reads the stored dtypes
-        mm.archive_model_dtypes(dit)
+    comfy_compat.archive_model_dtypes(dit)
     # 0.30.0's dynamic VRAM patches a LoRA into the stored weight as if it were the real one, and writes it back:
     # right for core's own quantised tensors, wrong for a weight that a scale multiplies afterwards
     patcher = _patcher(model, disable_dynamic or bool(scales))
-    # ComfyUI 0.30.0+ asks this for a non-dynamic copy (core's compile node, hooks, multi-GPU)
-    patcher.cached_patcher_init = (load_model, (str(source), weight_dtype))
+    comfy_compat.set_copy_factory(patcher, load_model, (str(source), weight_dtype))
     log.info("Z-Image: loaded %s as ComfyUI's Z-Image model (compute %s, blocks %s)", report, precision.compute,
              precision.blocks)
     return patcher
@@ -163,14 +159,14 @@ def load_quantized_model(source, weight_dtype: str, disable_dynamic: bool, meta_
     keys = [k for k in meta_dit.state_dict()] + [k for k in read.stored_keys if report.quantization.format_of(k)]
     sd = quantized.stored_tensors(report.quantization, keys, read.stored_many)
     missing, unexpected = model.diffusion_model.load_state_dict(
-        sd, strict=False, assign=getattr(patcher, "is_dynamic", lambda: False)())
+        sd, strict=False, assign=comfy_compat.is_dynamic(patcher))
     missing = [k for k in missing if k not in UNUSED_CORE_KEYS]
     if missing or unexpected:
         raise CheckpointMismatch(f"{report.file}: ComfyUI's Z-Image model does not take this file's tensors "
                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); this ComfyUI "
                                  f"version builds Z-Image differently: report it with the version")
     del sd
-    patcher.cached_patcher_init = (load_model, (str(source), weight_dtype))
+    comfy_compat.set_copy_factory(patcher, load_model, (str(source), weight_dtype))
     log.info("Z-Image: loaded %s as ComfyUI's Z-Image model with its quantized operations (compute %s)", report,
              compute)
     return patcher
@@ -188,15 +184,14 @@ def build_core_model(cfg: DiTConfig, precision: Precision):
         mc.set_inference_dtype(precision.compute,
                                mm.unet_manual_cast(precision.compute, load_device, mc.supported_inference_dtypes))
     model = mc.get_model({}, "", device=torch.device("meta"))
-    model.device = None                      # BaseModel keeps the device it was built on; meta is not one to use
+    comfy_compat.forget_build_device(model)  # built on meta, which is not a device to use
     _size_timestep_embedder(model.diffusion_model, cfg, precision.compute, mc.custom_operations)
     return model
 
 
 def _patcher(model, disable_dynamic: bool):
     """0.30.0's CoreModelPatcher (dynamic VRAM where ComfyUI turned it on) unless a non-dynamic copy is asked."""
-    cls = comfy.model_patcher.ModelPatcher if disable_dynamic else \
-        getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    cls = comfy_compat.patcher_class(dynamic=not disable_dynamic)
     return cls(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
@@ -207,7 +202,7 @@ def expected_tensors(module: torch.nn.Module) -> dict[str, tuple]:
     for name, m in module.named_modules():
         if isinstance(m, torch.nn.Linear) and m.weight is None:
             shapes[f"{name}.weight"] = (m.out_features, m.in_features)
-            if getattr(m, "comfy_need_lazy_init_bias", False):
+            if comfy_compat.lazy_bias(m):
                 shapes[f"{name}.bias"] = (m.out_features,)
     return shapes
 
@@ -220,18 +215,9 @@ def _size_timestep_embedder(dit: torch.nn.Module, cfg: DiTConfig, dtype: torch.d
     if (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (cfg.t_freq_dim, cfg.t_embed_hidden,
                                                                          cfg.adaln_dim):
         return
-    ops = ops or _ops_of(mlp[0])
+    ops = ops or comfy_compat.ops_family(mlp[0])
     dit.t_embedder = TimestepEmbedder(cfg.t_embed_hidden, frequency_embedding_size=cfg.t_freq_dim,
                                       output_size=cfg.adaln_dim, dtype=dtype, device=device, operations=ops)
-
-
-def _ops_of(linear: torch.nn.Module):
-    """The operations family a core-built Linear came from (its class's enclosing ops class)."""
-    import comfy.ops
-    for family in (comfy.ops.manual_cast, comfy.ops.disable_weight_init):
-        if type(linear) is family.Linear:
-            return family
-    return comfy.ops.disable_weight_init
 
 
 def _check_against_core(wanted: dict, sd: dict, name: str) -> None:

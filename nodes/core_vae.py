@@ -15,6 +15,7 @@ import torch
 
 from ..zimage_core.loading import prepare_vae
 from ..zimage_core.vae import VAEConfig
+from . import comfy_compat
 
 RELEASED = VAEConfig()
 
@@ -27,7 +28,7 @@ def load_vae(source: str | Path) -> comfy.sd.VAE:
         vae = comfy.sd.VAE(sd=sd)
     else:
         vae = comfy.sd.VAE(sd={**sd, **_identity_quant_convs(cfg.z_channels)}, config=_config(cfg))
-        vae.latent_channels = cfg.z_channels
+        comfy_compat.set_latent_channels(vae, cfg.z_channels)
     vae.throw_exception_if_invalid()
     return vae
 

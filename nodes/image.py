@@ -8,7 +8,7 @@ import torch
 
 from ..zimage_core.config import FLUX_LATENT
 from ..zimage_core.pipeline import MAX_SIDE, check_size
-from . import guard
+from . import comfy_compat, guard
 from .loaders import CATEGORY
 
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3), "16:9": (16, 9),
@@ -42,8 +42,8 @@ def watch_decoder(vae):
     into [0, 1], where inf is a flat white image and NaN black: only the decoder's own output still shows it.
     A torch forward hook on the decoder module (every core VAE has one; tiled decoding calls it too)."""
     seen: list[bool] = []
-    decoder = getattr(getattr(vae, "first_stage_model", None), "decoder", None)
-    if not isinstance(decoder, torch.nn.Module):
+    decoder = comfy_compat.vae_decoder(vae)
+    if decoder is None:
         yield seen
         return
 
@@ -130,8 +130,7 @@ class ZImageTurboVAEDecode:
                 latent.shape[-1] * d, latent.shape[-2] * d, latent.shape[0]), vae.decode, latent)
         if nonfinite:
             raise ValueError(f"the decoded image contains NaN or infinite values; {NONFINITE_HINT}")
-        if images.ndim == 5:                                    # some ComfyUI versions keep a frame axis
-            images = images.reshape(-1, *images.shape[-3:])
+        images = comfy_compat.decoded_images(images)
         check_finite(images, "decoded image")
         return (images,)
 

@@ -14,7 +14,6 @@ included, goes through core's own cast path (cast_bias_weight) unchanged.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 
@@ -23,11 +22,10 @@ import torch
 from torch import Tensor
 
 from ..zimage_core import quant
+from .comfy_compat import CAST_TAKES_COMPUTE_DTYPE, lowvram_patch_converts
 
 log = logging.getLogger("ZImageTurbo")
 
-# 0.30.0+: cast_bias_weight can patch a LoRA in a compute dtype of its own and requantize to the stored one
-CAST_TAKES_COMPUTE_DTYPE = "compute_dtype" in inspect.signature(comfy.ops.cast_bias_weight).parameters
 FP16_INPUT_BOUND = 1.0     # inputs scaled to |x| <= 1 per row: a row's outputs then stay within the weight rows' L1
 
 
@@ -182,20 +180,6 @@ def keep_scale(linear: PackOps.Linear, scale: Tensor) -> None:
     """Make a loaded block Linear a ScaledFP8Linear holding `scale` (a 0-dim fp32 tensor)."""
     linear.__class__ = ScaledFP8Linear
     linear.register_buffer("scale_weight", scale.reshape(()).float())
-
-
-_LOWVRAM_CONVERTS: list[bool] = []
-
-
-def lowvram_patch_converts() -> bool:
-    """Whether core's cast-time LoRA patch (model_patcher.LowVramPatch) runs a layer's convert_weight and
-    set_weight around the patch (ComfyUI 0.3.75) or patches the cast weight as given (0.30.0). Asked of core's
-    class itself, once, with a convert_weight that doubles and no patches."""
-    if not _LOWVRAM_CONVERTS:
-        from comfy.model_patcher import LowVramPatch
-        probe = LowVramPatch("w", {"w": []}, convert_func=lambda w, **_: w * 2, set_func=None)
-        _LOWVRAM_CONVERTS.append(bool(probe(torch.ones(1))[0] == 2))
-    return _LOWVRAM_CONVERTS[0]
 
 
 def cast_weight(module, input: Tensor, dtype: torch.dtype):

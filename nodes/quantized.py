@@ -17,40 +17,17 @@ from __future__ import annotations
 import json
 
 import comfy.quant_ops
-import comfy.utils
 import torch
 
 from ..zimage_core.errors import UnsupportedFile
 from ..zimage_core.formats import LAYER_KEY, Quantization
 
-# 0.30.0 reads per-layer declarations (utils.convert_old_quants writes them, detect_layer_quantization finds them)
-PER_LAYER = hasattr(comfy.utils, "convert_old_quants")
-
-
-def comfyui_version() -> str:
-    try:
-        import comfyui_version
-        return comfyui_version.__version__
-    except ImportError:
-        return "this version"
+from .comfy_compat import CLIP_TAKES_STATE_DICT, comfyui_version, computable_quant_formats, kitchen_missing
+from .comfy_compat import PER_LAYER_QUANT as PER_LAYER
 
 
 def computable_formats() -> set[str]:
-    """The formats the running ComfyUI computes: in its QUANT_ALGOS, with the layout class registered (0.30.0
-    registers them only when comfy_kitchen imported)."""
-    algos = getattr(comfy.quant_ops, "QUANT_ALGOS", {})
-    get_layout = getattr(comfy.quant_ops, "get_layout_class", None)
-    layouts = getattr(comfy.quant_ops, "LAYOUTS", None)
-    found = set()
-    for name, conf in algos.items():
-        layout = conf.get("comfy_tensor_layout")
-        if get_layout is not None:
-            if get_layout(layout) is None:
-                continue
-        elif layouts is not None and layout not in layouts:
-            continue
-        found.add(name)
-    return found
+    return computable_quant_formats()
 
 
 def check_computable(q: Quantization, file: str, plain_file: str) -> None:
@@ -60,8 +37,7 @@ def check_computable(q: Quantization, file: str, plain_file: str) -> None:
     if not missing:
         return
     names = ", ".join(q.label(f) for f in missing)
-    kitchen = "" if getattr(comfy.quant_ops, "_CK_AVAILABLE", True) else \
-        " (ComfyUI could not import comfy_kitchen: install ComfyUI's requirements)"
+    kitchen = " (ComfyUI could not import comfy_kitchen: install ComfyUI's requirements)" if kitchen_missing() else ""
     raise UnsupportedFile(f"{file} is quantized as {names}, which ComfyUI {comfyui_version()} cannot compute"
                           f"{kitchen}. Update ComfyUI (0.30 or newer reads int8 ConvRot, NVFP4 and MXFP8), or use "
                           f"the bf16 file ({plain_file})")
@@ -102,10 +78,8 @@ def stored_tensors(q: Quantization, keys, read_many) -> dict[str, torch.Tensor]:
 def build_clip(target, n_params: int, options: dict, sd: dict):
     """core's CLIP holding a quantized text encoder: 0.30.0 takes the state dict at construction (before it moves
     the model, which needs the weights there); 0.3.75 loads it afterwards."""
-    import inspect
-
     import comfy.sd
-    if "state_dict" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
+    if CLIP_TAKES_STATE_DICT:
         return comfy.sd.CLIP(target=target, parameters=n_params, model_options=options, state_dict=[sd])
     clip = comfy.sd.CLIP(target=target, parameters=n_params, model_options=options)
     clip.load_sd(sd)

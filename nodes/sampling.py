@@ -24,7 +24,7 @@ import torch
 from ..zimage_core.config import FLUX_LATENT, SAMPLING
 from ..zimage_core.pipeline import check_size
 from ..zimage_core.sampling import sigma_schedule
-from . import guard, speed
+from . import comfy_compat, guard, speed
 from .core_model import zimage_dit
 from .loaders import CATEGORY
 
@@ -169,7 +169,7 @@ def check_model_shift(model, shift: float) -> None:
     """The schedule is the sampler's (its shift input). A ModelSampling node upstream (ModelSamplingAuraFlow,
     ModelSamplingSD3) sets the model's own shift, which KSampler would use: a different value is an error, not
     silently overruled."""
-    if "model_sampling" not in getattr(model, "object_patches", {}):
+    if not comfy_compat.has_model_sampling_patch(model):
         return
     model_shift = getattr(model.get_model_object("model_sampling"), "shift", None)
     if model_shift is not None and not math.isclose(float(model_shift), shift, rel_tol=1e-6):
@@ -287,7 +287,7 @@ class ZImageTurboSampler:
         B, width, height = check_latent(latent)
         if cfg != 1.0 and negative is None:
             raise ValueError("cfg above 1 needs a negative conditioning: connect one, or set cfg to 1")
-        warnings = variant_warnings(variant, steps, cfg, has_lora=bool(getattr(model, "patches", None)))
+        warnings = variant_warnings(variant, steps, cfg, has_lora=comfy_compat.has_weight_patches(model))
         for text in warnings:
             log.warning("Z-Image sampler: %s", text)
         check_model_shift(model, shift)

@@ -15,6 +15,7 @@ import comfy.utils
 import torch
 
 from ..zimage_core.dit import COMPILE_ERRORS
+from . import comfy_compat
 from .core_model import BLOCK_LISTS, zimage_dit
 from .loaders import CATEGORY
 
@@ -51,7 +52,7 @@ class CompiledBlocks:
     def __call__(self, executor, *args, **kwargs):
         if self.failed:
             return executor(*args, **kwargs)
-        base = executor.class_obj
+        base = comfy_compat.executor_model(executor)
         plain = {key: comfy.utils.get_attr(base, key) for key in self.keys(base)}
         try:
             for key, module in plain.items():
@@ -76,8 +77,7 @@ def _restore(base, plain: dict) -> None:
 
 
 def compiled_blocks(model) -> CompiledBlocks | None:
-    wrappers = model.wrappers.get(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {})
-    found = wrappers.get(WRAPPER_KEY, [])
+    found = comfy_compat.wrappers_with_key(model, comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     return found[0] if found else None
 
 
@@ -105,15 +105,8 @@ class ZImageTurboCompile:
 
     def patch(self, model):
         zimage_dit(model, "Z-Image Compile")
-        patched = _non_dynamic_clone(model)          # the loaded MODEL stays as it was for other branches
+        # the loaded MODEL stays as it was for other branches; dynamic VRAM cannot trace compiled graphs, so a
+        # non-dynamic copy, as core's compile node makes
+        patched = comfy_compat.non_dynamic_clone(model)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, CompiledBlocks())
         return (patched,)
-
-
-def _non_dynamic_clone(model):
-    """ComfyUI 0.30.0's dynamic VRAM cannot trace compiled graphs: a non-dynamic copy, as core's compile node
-    makes (built by the loader's cached_patcher_init); 0.3.75's clone takes no argument."""
-    try:
-        return model.clone(disable_dynamic=True)
-    except TypeError:
-        return model.clone()
