@@ -141,7 +141,6 @@ def matmul_peak(device: torch.device | str, dtype: torch.dtype | None = None, n:
         seconds, _ = time_once(lambda: [a @ b for _ in range(reps)], device)
         if i:                                       # the first batch is warm-up
             best = min(best, seconds / reps)
-    del a, b
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "seconds": best, "flops_per_s": 2 * n ** 3 / best}
 
 

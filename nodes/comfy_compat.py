@@ -154,7 +154,8 @@ def zimage_control_class():
     return ZImage_Control
 
 
-@seam("version", "some versions' VAE.decode keeps a frame axis (5-D)", "core's decode is 4-D on every supported version")
+@seam("version", "some versions' VAE.decode keeps a frame axis (5-D)",
+      "core's decode is 4-D on every supported version")
 def decoded_images(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
 

@@ -67,7 +67,8 @@ class ZImageFunControlnetScheduled:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "A Z-Image model."}),
-            "model_patch": ("MODEL_PATCH", {"tooltip": "A Z-Image Fun ControlNet (Union 1.0, 2.x, lite), from Load Model Patch."}),
+            "model_patch": ("MODEL_PATCH", {"tooltip": "A Z-Image Fun ControlNet (Union 1.0, 2.x, lite), from Load "
+                                                       "Model Patch."}),
             "vae": ("VAE", {"tooltip": "The Z-Image VAE: it encodes the control and inpaint images."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "How strongly the control acts (0.6-0.9 is common for Turbo)."}),
@@ -76,7 +77,8 @@ class ZImageFunControlnetScheduled:
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "Where it ends (1 = last step); 0.5-0.8 keeps more texture."}),
         }, "optional": {
-            "image": ("IMAGE", {"tooltip": "The control image (pose, depth, canny...). Leave empty for inpainting alone (2.x / lite)."}),
+            "image": ("IMAGE", {"tooltip": "The control image (pose, depth, canny...). Leave empty for inpainting "
+                                           "alone (2.x / lite)."}),
             "inpaint_image": ("IMAGE", {"tooltip": "2.x / lite files: the image to keep outside the mask."}),
             "mask": ("MASK", {"tooltip": "2.x / lite files: where to repaint (white = repaint)."}),
         }}
@@ -90,7 +92,8 @@ class ZImageFunControlnetScheduled:
         inputs = ControlInputs(vae, image, inpaint_image, as_mask(mask), inpaint_channels=control.additional_in_dim > 0)
         patch = TrainerControlPatch(model_patch, dit.rope_embedder, inputs, strength)
         sampling = model.get_model_object("model_sampling")
-        scheduled = ScheduledPatch(patch, sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
+        scheduled = ScheduledPatch(patch, sampling.percent_to_sigma(start_percent),
+                                   sampling.percent_to_sigma(end_percent))
         patched = model.clone()
         patched.set_model_noise_refiner_patch(scheduled)
         patched.set_model_double_block_patch(scheduled)

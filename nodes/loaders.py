@@ -105,7 +105,8 @@ def diffusers_folders() -> dict[str, Path]:
 
 class ZImageTurboDiffusersLoader(_LoaderNode):
     DESCRIPTION = ("Loads a Z-Image diffusers folder, Turbo or Base (transformer/ shards, text_encoder/, vae/, "
-                   "tokenizer/) from models/diffusers as ComfyUI's own Z-Image model, text encoder and VAE (the text is tokenized by ComfyUI's Qwen tokenizer, the same vocabulary).")
+                   "tokenizer/) from models/diffusers as ComfyUI's own Z-Image model, text encoder and VAE (the "
+                   "text is tokenized by ComfyUI's Qwen tokenizer, the same vocabulary).")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -65,9 +65,9 @@ class ZImageLoraLoader:
         converted = normalise(comfy.utils.load_torch_file(path, safe_load=True), linears, linears)
         ignored = converted.unmatched + converted.unsupported
         if not converted.modules:
-            raise ValueError(f"lora_name: {lora_name} patches nothing in this Z-Image model: none of its {len(ignored)} "
-                             f"keys names a Z-Image layer (first: {', '.join(ignored[:3])}). It is a LoRA for "
-                             f"another model, or a kind this loader does not read (LoHa, LoKr)")
+            raise ValueError(f"lora_name: {lora_name} patches nothing in this Z-Image model: none of its "
+                             f"{len(ignored)} keys names a Z-Image layer (first: {', '.join(ignored[:3])}). It is a "
+                             f"LoRA for another model, or a kind this loader does not read (LoHa, LoKr)")
         info = {"lora": lora_name, "patched": len(converted.modules), "ignored": len(ignored),
                 "ignored_first": ignored[:SHOWN]}
         if ignored:

@@ -83,6 +83,12 @@ if ! step_done queue-1; then
   mark queue-1
 fi
 
+if ! step_done lint-1; then
+  # ruff, the linter tests/test_lint.py and the pre-commit hook run: the pack reinstalled with its test extras
+  "$V/pip" install -q -c constraints.txt -e "$here[test]"
+  mark lint-1
+fi
+
 if ! step_done redis-server; then
   # Debian's Redis 7 for the queue tests (tests/test_queue.py starts its own on 127.0.0.1; they skip, saying
   # why, when it is missing). Not fatal: without root or apt the rest of the runtime still works.

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from conftest import import_pack, rel_err, tokenizer_dir
+from conftest import import_pack, rel_err
 from zimage_core import synthetic
 from zimage_core.fastpath import PLAIN
 from zimage_core.loading import load_dit, load_text_encoder, load_vae

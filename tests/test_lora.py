@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import import_pack, rel_err
-from zimage_core import synthetic
 
 RANK = 4
 

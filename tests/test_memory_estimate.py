@@ -65,7 +65,7 @@ def test_core_nextdit_count_matches_the_reservation_core_chose(monkeypatch):
     it. If this count moved, MARGIN (and the pack's factor) would need looking at again."""
     import_comfy()
     import comfy.ldm.lumina.model as lumina
-    import comfy.ops
+    import comfy.ops  # noqa: F401
     import comfy.ldm.modules.attention as attention
     from comfy_tree import comfy_nextdit
     monkeypatch.setattr(lumina, "optimized_attention_masked", attention.attention_pytorch)   # as on a GPU

@@ -1,1 +1,2 @@
-"""Z-Image-Turbo engine in plain PyTorch. Never imports ComfyUI."""
+"""Z-Image (Turbo and Base) in plain PyTorch: the strict file reader the nodes use, and a reference engine.
+Never imports ComfyUI."""

@@ -344,7 +344,8 @@ class ZImageDiT(nn.Module):
         rope = RopeTable.from_positions(pos, self.cfg.axes_dims, self.cfg.rope_theta)
         mask = None
         if len(set(lens)) > 1:
-            mask = torch.arange(max(lens), device=tokens.device)[None] < torch.tensor(lens, device=tokens.device)[:, None]
+            lengths = torch.tensor(lens, device=tokens.device)
+            mask = torch.arange(max(lens), device=tokens.device)[None] < lengths[:, None]
         return tokens, rope, mask, lens
 
     def embed_image(self, x: Tensor) -> tuple[Tensor, int]:
