@@ -26,6 +26,11 @@ def block_after(marker: str) -> str:
     return match.group(1)
 
 
+def test_the_redelivery_bound_gives_the_sweep_locks_expiry():
+    from zimage_queue.app import SWEEP_LOCK_EXPIRE
+    assert f"until it expires, after {SWEEP_LOCK_EXPIRE} s" in " ".join(DOC.split())
+
+
 def test_the_redis_conf_block_has_no_comment_after_a_value():
     """Redis takes `#` only at a line's start: `bind 10.0.0.2 # ...` would try to bind '#'."""
     for line in block_after("/etc/redis/redis.conf").splitlines():
@@ -84,6 +89,24 @@ def test_the_documented_redis_setup_starts_and_enforces_the_acl(tmp_path):
                         ssl_ca_certs=str(ca), socket_timeout=5).ping()
         info = client("default", "admin").info("persistence")
         assert info["aof_enabled"] == 1
+
+        # step 5's inspections as written, in the ops user's environment: no worker runs here, so none answers
+        # (exit 69, said so), but Redis refuses the ops user nothing on the way (it used to: kombu's sweep lock)
+        admin = client("default", "admin")
+        admin.acl_log_reset()
+        env = {"PATH": f"{REPO / '.runtime' / 'venv' / 'bin'}:/usr/bin:/bin", "PYTHONPATH": str(REPO),
+               "ZIMAGE_BROKER": f"rediss://zimage-ops@127.0.0.1:{port}/0",
+               "ZIMAGE_BROKER_PASSWORD_FILE": str(etc / "zimage" / "ops.pw"),
+               "ZIMAGE_TLS_CA": str(etc / "tls" / "ca.crt")}
+        inspections = [c for c in block_after("### 5. Watch it").splitlines() if " inspect " in c]
+        assert len(inspections) == 2, inspections
+        for command in inspections:
+            result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=REPO,
+                                    env=env)
+            said = result.stdout + result.stderr
+            assert result.returncode == 69 and "No nodes replied within time constraint" in said, said
+            assert "permission" not in said.lower(), said
+        assert not [e for e in admin.acl_log(count=100) if e.get("username") == "zimage-ops"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

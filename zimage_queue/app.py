@@ -3,9 +3,16 @@ result backend, one job at a time per worker, acknowledged only when done.
 
 Redelivery: a worker takes a job, Redis keeps it in its 'unacked' set until the worker acknowledges it after
 the job ended. A worker that dies (SIGKILL, power, network) never acknowledges; once the job has been out
-for `visibility_timeout` seconds, the next worker's sweep (every `restore_interval` s) puts it back in the
-queue. The visibility timeout must therefore exceed the longest job, or a job still running is given out twice
-(harmless for the files, which a job's id names, but twice the work).
+for `visibility_timeout` seconds, the next worker's sweep (every `restore_interval` s) puts it back at the head
+of the queue. The visibility timeout must therefore exceed the longest job, or a job still running is given out
+twice (harmless for the files, which a job's id names, but twice the work).
+
+The sweep is kombu's QoS.restore_visible, under a lock (the 'unacked_mutex' key, SET NX PX) so that workers
+take turns. A worker killed in the middle of its sweep, or a sweep whose SET reply a broker restart cut off,
+leaves that lock behind, and no worker sweeps until it expires: hence a short expiry (SWEEP_LOCK_EXPIRE) and a
+bounded sweep (SWEEP_LIMIT jobs, well within it; the restore is a WATCH transaction, so a sweep that did outlast
+the lock would still put each job back once). A dead worker's job is given out again within
+visibility_timeout + restore_interval, or + SWEEP_LOCK_EXPIRE more when such a lock was left just before.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ QUEUE = "zimage"
 TASK = "zimage.generate"
 VISIBILITY_TIMEOUT = 900.0      # seconds a taken job may stay unacknowledged before it is given out again
 RESTORE_INTERVAL = 5.0          # seconds between a worker's sweeps for such jobs
+SWEEP_LOCK_EXPIRE = 10          # seconds a sweep's lock outlives a worker that died holding it (kombu: 300)
+SWEEP_LIMIT = 100               # lost jobs put back per sweep, so that a sweep ends well within its lock
 RESULT_EXPIRES = 24 * 3600      # an uncollected result is dropped after a day
 
 
@@ -31,8 +40,8 @@ def make_app(broker: Broker, visibility_timeout: float = VISIBILITY_TIMEOUT,
     backend = f"{__name__}:PolledResults+{broker.url}"
     app = Celery("zimage", broker=broker.url, backend=backend, set_as_current=False)
     transport = {"visibility_timeout": visibility_timeout, "unacked_restore_interval": restore_interval,
-                 "unacked_restore_throttle": 1,
-                 "unacked_mutex_expire": 30,        # the sweep's lock: kept short, a dead sweeper holds it no longer
+                 "unacked_restore_throttle": 1,     # every call sweeps (kombu: every 10th)
+                 "unacked_mutex_expire": SWEEP_LOCK_EXPIRE, "unacked_restore_limit": SWEEP_LIMIT,
                  "socket_connect_timeout": 10, "socket_timeout": 30,
                  "health_check_interval": 10}
     if not takes_jobs:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from .app import QUEUE, RESTORE_INTERVAL, VISIBILITY_TIMEOUT, make_app
+from .app import QUEUE, RESTORE_INTERVAL, SWEEP_LIMIT, VISIBILITY_TIMEOUT, make_app
 from .broker import BrokerError, connect, load_broker
 from .comfy_job import LocalComfy, NotLoopback
 from .tasks import STATE, register
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
              ", ".join(health.get("models", [])), health.get("warmup_seconds"), health.get("devices"))
     app = make_app(broker, args.visibility_timeout, args.restore_interval)
     register(app)
-    threading.Thread(target=sweep_lost_jobs, args=(app, args.restore_interval), name="zimage-sweep",
+    threading.Thread(target=sweep_lost_jobs, args=(app, args.restore_interval, broker.redact), name="zimage-sweep",
                      daemon=True).start()
     worker = app.Worker(hostname=args.name, pool="threads", concurrency=1, queues=[QUEUE],
                         loglevel=args.loglevel.upper(), without_gossip=True, without_mingle=True,
@@ -88,20 +88,26 @@ def main(argv: list[str] | None = None) -> int:
     return worker.exitcode or 0
 
 
-def sweep_lost_jobs(app, every: float) -> None:
+def sweep_lost_jobs(app, every: float, redact=str) -> None:
     """Every `every` seconds, kombu's own sweep (QoS.restore_visible): jobs taken longer than the visibility
     timeout ago and never acknowledged go back to the queue. Run here on a timer of our own so that it happens
     with every pool and across broker restarts; several workers sweeping take turns under kombu's mutex."""
     log = logging.getLogger("zimage-worker")
-    connection = None
+    connection, failing = None, False
     while True:
         time.sleep(every)
         try:
             if connection is None:
                 connection = app.connection_for_read()
-            connection.default_channel.qos.restore_visible(num=None, interval=1)
+            connection.default_channel.qos.restore_visible(num=SWEEP_LIMIT, interval=1)
+            if failing:
+                log.info("sweep for lost jobs: working again")
+            failing = False
         except Exception as e:                    # the broker is away: the next round reconnects
-            log.debug("sweep for lost jobs: %s", e)
+            # said once per streak: a sweep that keeps failing delays every dead worker's job
+            (log.debug if failing else log.warning)("sweep for lost jobs failed (%s); retrying every %g s",
+                                                     redact(str(e)), every)
+            failing = True
             try:
                 connection.release()
             except Exception:
