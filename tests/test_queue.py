@@ -362,7 +362,7 @@ def test_a_killed_worker_and_a_redis_restart_lose_nothing_and_duplicate_nothing(
     c = cluster
     options = make_app(load_broker(c.url("worker"), env={})).conf.broker_transport_options
     assert options["unacked_mutex_expire"] == SWEEP_LOCK_EXPIRE < VISIBILITY, options
-    a, b = c.servers["a"], c.servers["b"]
+    b = c.servers["b"]
     c.ensure_worker("b")
     n = 40
     rows = tiny_rows(n, "kill", seed0=2000)

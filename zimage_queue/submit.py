@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zimage_batch.batch import digest, pending_jobs, progress_bar
+from zimage_batch.batch import pending_jobs, progress_bar
 from zimage_batch.client import Backoff
 from zimage_batch.jobs import Job
 from zimage_batch.workflow import Template
