@@ -22,23 +22,10 @@ import torch
 from torch import Tensor
 
 from ..zimage_core import quant
+from ..zimage_core.layers import fp16_guarded_linear
 from .comfy_compat import CAST_TAKES_COMPUTE_DTYPE, lowvram_patch_converts
 
 log = logging.getLogger("ZImageTurbo")
-
-FP16_INPUT_BOUND = 1.0     # inputs scaled to |x| <= 1 per row: a row's outputs then stay within the weight rows' L1
-
-
-def fp16_guarded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """linear(x) in fp32, computed as an fp16 product of x divided per row by a power of two (exact in binary
-    floating point) and multiplied back in fp32: linear up to fp16 rounding, and never inf. Per row, so one
-    token's large activation does not push the other tokens' values towards fp16's subnormals."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP16_INPUT_BOUND)
-    s = torch.exp2(torch.ceil(torch.log2(amax / FP16_INPUT_BOUND)))
-    out = torch.nn.functional.linear((xf / s).half(), weight.half()).float() * s
-    return out if bias is None else out + bias.float()
-
 
 class PackOps(comfy.ops.manual_cast):
     """core's manual_cast operations, with a Linear that knows the two products above."""
@@ -81,7 +68,7 @@ class PackOps(comfy.ops.manual_cast):
                 if mode == "rowwise":                                   # one scale per output row
                     scale = scale.reshape(1, 1).expand(1, self.out_features).contiguous()
                 return quant.fp8_matmul(input, w, scale, rowwise=mode == "rowwise")
-            except (RuntimeError, ValueError) as e:     # torch raises both for _scaled_mm arguments it refuses
+            except quant.SCALED_MM_ERRORS as e:        # torch raises both for _scaled_mm arguments it refuses
                 PackOps.Linear._fp8_failed = True
                 log.warning("Z-Image: fp8 matmul failed on %s (%s); using fp8 weights with %s matmuls",
                             input.device, e, input.dtype)
@@ -97,7 +84,7 @@ class PackOps(comfy.ops.manual_cast):
                 uncast_weight(self, w, b, stream)
 
 
-class ScaledFP8Linear(PackOps.Linear):
+class FileScaledFP8Linear(PackOps.Linear):
     """A block Linear of a scaled fp8 file (ComfyUI's `scale_weight`, or `weight_scale` + `comfy_quant`): the fp8
     values as stored, and their per-tensor scale in the `scale_weight` buffer; the weight it stands for is
     weight * scale. Storing the dequantised weight in fp8 again instead drops the scale, and weights smaller
@@ -177,8 +164,8 @@ class ScaledFP8Linear(PackOps.Linear):
 
 
 def keep_scale(linear: PackOps.Linear, scale: Tensor) -> None:
-    """Make a loaded block Linear a ScaledFP8Linear holding `scale` (a 0-dim fp32 tensor)."""
-    linear.__class__ = ScaledFP8Linear
+    """Make a loaded block Linear a FileScaledFP8Linear holding `scale` (a 0-dim fp32 tensor)."""
+    linear.__class__ = FileScaledFP8Linear
     linear.register_buffer("scale_weight", scale.reshape(()).float())
 
 

@@ -62,21 +62,36 @@ class SwiGLU(nn.Module):
 
 # ---- fp16 without overflow ----------------------------------------------------------------------------
 
-FP16_INPUT_BOUND = 1.0      # inputs scaled to |x| <= 1: a Linear's outputs then stay within its rows' L1 norm
+FP16_INPUT_BOUND = 1.0      # inputs scaled to |x| <= 1 per row: a row's outputs then stay within the weight rows' L1
+
+
+def fp16_input_scale(x: Tensor) -> Tensor:
+    """Per row, the power of two s (exact in binary floating point) with |x / s| <= FP16_INPUT_BOUND. Per row, so
+    one token's large activation does not push the other tokens' values towards fp16's subnormals. s stays a
+    tensor: no device sync."""
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp_min(FP16_INPUT_BOUND)
+    return torch.exp2(torch.ceil(torch.log2(amax / FP16_INPUT_BOUND)))
 
 
 def fp16_linear(linear: nn.Module, x: Tensor) -> Tensor:
-    """A bias-free linear(x) computed in fp16 without overflow, returned in fp32.
-
-    The input is divided by a power of two s (exact in binary floating point) so that |x / s| <= 1, the fp16
-    matmul runs on that, and its output is multiplied back by s in fp32. The map being linear, this is
-    linear(x) up to fp16 rounding, and never inf. The module itself is called, so ComfyUI's Linears still
-    cast or stream their weights. s stays a tensor: no device sync."""
+    """A bias-free linear(x) computed in fp16 without overflow, returned in fp32: the fp16 matmul runs on x / s
+    (fp16_input_scale) and its output is multiplied back by s in fp32. The map being linear, this is linear(x) up
+    to fp16 rounding, and never inf. The module itself is called, so ComfyUI's Linears still cast or stream
+    their weights."""
     if getattr(linear, "bias", None) is not None:
         raise ValueError("fp16_linear serves bias-free Linears (the DiT blocks' attention and FFN)")
     xf = x.float()
-    s = torch.exp2(torch.ceil(torch.log2(xf.abs().amax().clamp_min(FP16_INPUT_BOUND) / FP16_INPUT_BOUND)))
+    s = fp16_input_scale(xf)
     return linear((xf / s).half()).float() * s
+
+
+def fp16_guarded_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """fp16_linear's rule on a weight tensor (what ComfyUI's cast path hands the pack's operations), with an
+    fp32 bias added after the product."""
+    xf = x.float()
+    s = fp16_input_scale(xf)
+    out = torch.nn.functional.linear((xf / s).half(), weight.half()).float() * s
+    return out if bias is None else out + bias.float()
 
 
 # ---- attention ----------------------------------------------------------------------------------------
