@@ -190,8 +190,8 @@ def png_parameters(path) -> str:
 def test_workflow_runs_over_prompt_and_writes_a_real_image(server, name):
     api = plain(shipped(name)[1])
     if name == "zimage_turbo_controlnet" and "ZImageFunControlnet" not in server.object_info():
-        pytest.skip(f"ComfyUI {server.version} has no core ZImageFunControlnet (added in 0.3.76), which the "
-                    f"pack's scheduled ControlNet wraps")
+        pytest.skip(f"ComfyUI {server.version} has no core ZImageFunControlnet (added in 0.3.76), whose model "
+                    f"the pack's scheduled ControlNet runs")
     files = CONTROL_FILES if name == "zimage_turbo_controlnet" else FILES
     # the wide DiT (2.2 GB in bf16) in bf16: "auto" is fp32 on a CPU, twice that next to a 3.1 GB ControlNet
     wf = for_tiny_weights(api, files, INPUT_IMAGE.get(name, "tiny_photo.png"), SIZE,
