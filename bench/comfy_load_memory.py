@@ -6,9 +6,9 @@ reported: seconds to load; the process's anonymous memory (RssAnon: memory that 
 system must find room for) after the load, above the process's baseline; its peak resident memory (VmHWM) above
 the baseline; and, with --forward, a DiT forward at 256x256.
 
-    .runtime/venv/bin/python bench/comfy_load_memory.py FILE [--part dit|text] [--dtype auto|bf16|fp32]
+    .runtime/venv/bin/python -m bench.comfy_load_memory FILE [--part dit|text] [--dtype auto|bf16|fp32]
                                                         [--comfyui 0.30.0] [--forward]
-    .runtime/venv/bin/python bench/comfy_load_memory.py --write-hollow int8_convrot|fp8_mixed FILE
+    .runtime/venv/bin/python -m bench.comfy_load_memory --write-hollow int8_convrot|fp8_mixed FILE
 
 FILE: a DiT in the released layout (core detects Z-Image only at dim 3840: the released file, or the wide test
 file of tests/test_core_nodes.py), or a Qwen3-4B text encoder at its released size. --write-hollow writes a
@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 CHILD = r'''
 import sys, time, json, torch
-sys.path.insert(0, {scripts!r})
-import comfy_tree
+from zimage_dev import comfy_tree
 comfy_tree.import_comfy({version!r}, cpu=True)
 
 def status_kb(field):
@@ -73,7 +71,7 @@ print("RESULT " + json.dumps(result))
 
 
 def measure(side: str, path: Path, dtype: str, version: str, forward: bool, part: str = "dit") -> dict:
-    code = CHILD.format(scripts=str(REPO / "scripts"), version=version, dtype=dtype, side=side, path=str(path),
+    code = CHILD.format(version=version, dtype=dtype, side=side, path=str(path),
                         forward=forward, part=part)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=3600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -93,8 +91,7 @@ def main() -> None:
                     help="write FILE as a full-size hollow quantized file, then stop")
     args = ap.parse_args()
     if args.write_hollow:
-        sys.path.insert(0, str(REPO))
-        from zimage_core.synthetic import write_hollow_quantized
+        from zimage_dev.synthetic import write_hollow_quantized
         print(f"wrote {write_hollow_quantized(args.write_hollow, args.file)}")
         return
     rows = [measure(side, args.file, args.dtype, args.comfyui, args.forward, args.part) for side in ("pack", "core")]

@@ -15,9 +15,9 @@ are synchronised; seconds are medians. Peak memory: torch.cuda.max_memory_alloca
 on CUDA; on a CPU, the process's anonymous memory (RssAnon) at the end of the stage. Each side's first images are
 compared, pack vs core.
 
-    .runtime/venv/bin/python bench/comfy_nodes.py                      # the targets: 1024², 8 steps, batch 1
-    .runtime/venv/bin/python bench/comfy_nodes.py --sizes 768 1536 --batch 4
-    .runtime/venv/bin/python bench/comfy_nodes.py --smoke              # CPU, wide two-layer files, 64², 2 steps
+    .runtime/venv/bin/python -m bench.comfy_nodes                      # the targets: 1024², 8 steps, batch 1
+    .runtime/venv/bin/python -m bench.comfy_nodes --sizes 768 1536 --batch 4
+    .runtime/venv/bin/python -m bench.comfy_nodes --smoke              # CPU, wide two-layer files, 64², 2 steps
 
 Weights: --files DIR holds z_image_turbo_bf16.safetensors, qwen_3_4b.safetensors and ae.safetensors (the
 released names: real weights are used as they are); missing ones are written there, random, at full size,
@@ -40,10 +40,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-import comfy_tree  # noqa: E402
+from zimage_dev import REPO, comfy_tree
 
 DTYPES = ("bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 STAGES = ("load", "encode", "sample", "decode")
@@ -68,7 +65,7 @@ def wide_configs():
 def ensure_files(folder: Path, smoke: bool) -> dict[str, Path]:
     """The three files in `folder`, written (random, tensor by tensor) where missing; real ones are kept."""
     from safetensors.torch import save_file
-    from zimage_core import synthetic
+    from zimage_dev import synthetic
     from zimage_core.config import TURBO
     from zimage_core.text_encoder import QWEN3_4B
     from zimage_core.vae import VAEConfig

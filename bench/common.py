@@ -16,16 +16,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+from zimage_dev import REPO, comfy_tree
+from zimage_core.config import DiTConfig
+from zimage_core.text_encoder import Qwen3Config
+
 # ZIMAGE_BENCH_RESULTS redirects the JSON files (the README test runs the benchmarks without adding results)
 RESULTS = Path(os.environ.get("ZIMAGE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
-for path in (REPO, REPO / "scripts"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-import comfy_tree  # noqa: E402
-from zimage_core.config import DiTConfig  # noqa: E402
-from zimage_core.text_encoder import Qwen3Config  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

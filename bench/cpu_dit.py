@@ -3,7 +3,7 @@ ComfyUI 0.30.0's NextDiT and diffusers' ZImageTransformer2DModel, all three hold
 in one process. Runs are interleaved (one call of each model per round) so machine drift hits all alike.
 Prints a table of medians and writes JSON to bench/results/.
 
-    .runtime/venv/bin/python bench/cpu_dit.py [--sizes 256 512] [--runs 5] [--threads N] [--dtype fp32 bf16]
+    .runtime/venv/bin/python -m bench.cpu_dit [--sizes 256 512] [--runs 5] [--threads N] [--dtype fp32 bf16]
                                               [--compile] [--profile]
 
 The pack runs twice: with its fast path (fastpath.FAST, what its loaders give) and with the plain path;
@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (dit_flops, dit_token_counts, fmt_ms, import_comfy, matmul_peak,  # noqa: E402
-                    print_table, randomize_, share_weights, summary, time_once, write_result)
-from comfy_tree import comfy_nextdit  # noqa: E402  (scripts/ is on the path once common is imported)
-from zimage_core.config import DiTConfig  # noqa: E402
-from zimage_core.dit import ZImageDiT  # noqa: E402
-from zimage_core.fastpath import FAST, PLAIN, FastPath, configure  # noqa: E402
-from zimage_core.keys import dit_from_diffusers  # noqa: E402
+from bench.common import (dit_flops, dit_token_counts, fmt_ms, import_comfy, matmul_peak,
+                          print_table, randomize_, share_weights, summary, time_once, write_result)
+from zimage_dev.comfy_tree import comfy_nextdit
+from zimage_core.config import DiTConfig
+from zimage_core.dit import ZImageDiT
+from zimage_core.fastpath import FAST, PLAIN, FastPath, configure
+from zimage_core.keys import dit_from_diffusers
 
 # Reduced but proportioned like Turbo: head_dim 128 and RoPE (32, 48, 48), ffn int(dim / 3 * 8), adaLN 256, the
 # real caption width. dim 1024 is the smallest where all three agree on the timestep MLP (diffusers hard-codes

@@ -3,7 +3,7 @@ lacks is made unimportable (optional imports then take their fallbacks), the Com
 and bench/gpu.py runs with the arguments given (add --smoke on a CPU); a first argument `comfy_nodes` runs
 bench/comfy_nodes.py instead, as bench/device_run.sh does.
 
-    ZIMAGE_COMFYUI_TREE=$PWD/.device/ComfyUI-0.30.0 .runtime/venv/bin/python bench/device_check.py --smoke \\
+    ZIMAGE_COMFYUI_TREE=$PWD/.device/ComfyUI-0.30.0 .runtime/venv/bin/python -m bench.device_check --smoke \\
         --sizes 64 --batches 1 --variants pack pack-plain pack-compile pack-fp8 --memory
 
 The image's package list is the device tool's (KINDS.md, read 2026-11-17); what scripts/device_bundle.sh
@@ -14,7 +14,6 @@ import importlib.abc
 import importlib.metadata as md
 import runpy
 import sys
-from pathlib import Path
 
 IMAGE = set("""
     absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
@@ -65,12 +64,12 @@ def main() -> None:
     finder = NotOnTheMachine()
     sys.meta_path.insert(0, finder)
     args = sys.argv[1:]
-    script = "gpu.py"
+    script = "gpu"
     if args[:1] == ["comfy_nodes"]:
-        script, args = "comfy_nodes.py", args[1:]
-    sys.argv = [f"bench/{script}", *args]
+        script, args = "comfy_nodes", args[1:]
+    sys.argv = [f"bench/{script}.py", *args]
     try:
-        runpy.run_path(str(Path(__file__).with_name(script)), run_name="__main__")
+        runpy.run_module(f"bench.{script}", run_name="__main__", alter_sys=True)
     finally:
         print(f"imports blocked as absent on the lent machine: {sorted(finder.blocked) or 'none'}")
 

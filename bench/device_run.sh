@@ -55,4 +55,4 @@ export ZIMAGE_BENCH_RESULTS=${OUT:-$PWD/bench/results}
 mkdir -p "$ZIMAGE_BENCH_RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 "$PY" -c "import torch, comfy_kitchen; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'comfy_kitchen', comfy_kitchen.__version__ if hasattr(comfy_kitchen, '__version__') else '?')"
-"$PY" "bench/$SCRIPT.py" "$@" 2>&1 | tee "$ZIMAGE_BENCH_RESULTS/$SCRIPT-log-$(date -u +%Y%m%d-%H%M%S).txt"
+"$PY" -m "bench.$SCRIPT" "$@" 2>&1 | tee "$ZIMAGE_BENCH_RESULTS/$SCRIPT-log-$(date -u +%Y%m%d-%H%M%S).txt"

@@ -2,8 +2,8 @@
 the values), per stage and end to end, through the pack and through core ComfyUI 0.30.0's own models in the
 same process, on the same weight tensors.
 
-    .runtime/venv/bin/python bench/gpu.py [--sizes 768 1024 1536 2048] [--batches 1 4] [--steps 8] [--runs 3]
-    .runtime/venv/bin/python bench/gpu.py --smoke       # tiny configs and sizes; runs on CPU too (a self-test)
+    .runtime/venv/bin/python -m bench.gpu [--sizes 768 1024 1536 2048] [--batches 1 4] [--steps 8] [--runs 3]
+    .runtime/venv/bin/python -m bench.gpu --smoke       # tiny configs and sizes; runs on CPU too (a self-test)
 
 Per size and batch, each run does text encode (Qwen3-4B, `--caption-tokens` tokens per prompt) -> `--steps`
 Euler steps of the DiT at cfg 1 (zimage_core.sampling.sample) -> VAE decode (Flux AE), synchronising between
@@ -30,26 +30,22 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (dit_flops, flop_counter, fmt_gib, import_comfy, matmul_peak,  # noqa: E402
-                    materialise_random, print_table, share_weights, summary, sync, text_encoder_flops,
-                    time_once, write_result)
-from comfy_tree import comfy_nextdit  # noqa: E402  (scripts/ is on the path once common is imported)
-from zimage_core.config import TURBO, DiTConfig  # noqa: E402
-from zimage_core.dit import ZImageDiT  # noqa: E402
-from zimage_core.fastpath import FAST, PLAIN, FastPath, configure  # noqa: E402
-from zimage_core.memory import POLICIES  # noqa: E402
-from zimage_core.quant import use_fp8_matmul  # noqa: E402
-from zimage_core.pipeline import ZImageModels, ZImagePipeline  # noqa: E402
-from zimage_core.sampling import sample, sigma_schedule  # noqa: E402
-from zimage_core.text_encoder import QWEN3_4B, Qwen3Config, Qwen3Encoder  # noqa: E402
-from zimage_core.vae import FLUX_AE, AutoEncoder, VAEConfig, from_model_space  # noqa: E402
+from bench.common import (dit_flops, flop_counter, fmt_gib, import_comfy, matmul_peak,
+                          materialise_random, print_table, share_weights, summary, sync, text_encoder_flops, time_once, write_result)
+from zimage_dev.comfy_tree import comfy_nextdit
+from zimage_core.config import TURBO, DiTConfig
+from zimage_core.dit import ZImageDiT
+from zimage_core.fastpath import FAST, PLAIN, FastPath, configure
+from zimage_core.memory import POLICIES
+from zimage_core.quant import use_fp8_matmul
+from zimage_core.pipeline import ZImageModels, ZImagePipeline
+from zimage_core.sampling import sample, sigma_schedule
+from zimage_core.text_encoder import QWEN3_4B, Qwen3Config, Qwen3Encoder
+from zimage_core.vae import FLUX_AE, AutoEncoder, VAEConfig, from_model_space
 
 STAGES = ("text encode", "DiT", "VAE decode", "end to end")
 PACK, CORE = "pack", "core"

@@ -4,27 +4,24 @@ policy keeps on the device (counted from the models built on the meta device) pl
 rounding are not in it). bench/gpu.py --memory measures the same on a GPU; this says what to expect, and the
 issue's targets (bf16 <= 13 GB, fp8 <= 8 GB, low-VRAM < 6 GB) can be checked against it here.
 
-    .runtime/venv/bin/python bench/memory_estimate.py [--size 1024] [--batch 1] [--caption-tokens 128]
+    .runtime/venv/bin/python -m bench.memory_estimate [--size 1024] [--batch 1] [--caption-tokens 128]
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import print_table, write_result  # noqa: E402
-from meta_memory import param_bytes, peak_bytes  # noqa: E402
-from zimage_core.config import TURBO  # noqa: E402
-from zimage_core.dit import ZImageDiT  # noqa: E402
-from zimage_core.fastpath import FAST, configure  # noqa: E402
-from zimage_core.memory import decode_tiled  # noqa: E402
-from zimage_core.quant import use_fp8_matmul  # noqa: E402
-from zimage_core.text_encoder import QWEN3_4B, Qwen3Encoder  # noqa: E402
-from zimage_core.vae import FLUX_AE, AutoEncoder  # noqa: E402
+from bench.common import print_table, write_result
+from bench.meta_memory import param_bytes, peak_bytes
+from zimage_core.config import TURBO
+from zimage_core.dit import ZImageDiT
+from zimage_core.fastpath import FAST, configure
+from zimage_core.memory import decode_tiled
+from zimage_core.quant import use_fp8_matmul
+from zimage_core.text_encoder import QWEN3_4B, Qwen3Encoder
+from zimage_core.vae import FLUX_AE, AutoEncoder
 
 GB = 1e9
 BF16 = torch.bfloat16

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
-
-from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
+from zimage_dev import REPO
+from zimage_dev.comfy_server import ComfyServer, load_workflow, write_tiny_models
 
 
 def main() -> None:

@@ -3,4 +3,6 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bash "$here/scripts/setup_runtime.sh" >/dev/null
-exec "$here/.runtime/venv/bin/python" "$here/scripts/demo.py" "$@"
+# scripts/ and the harness (zimage_dev/) are imported from the repository root
+cd "$here"
+exec .runtime/venv/bin/python -m scripts.demo "$@"

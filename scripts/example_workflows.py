@@ -1,8 +1,8 @@
 """The example workflows in example_workflows/: each graph written once here, in API format, and turned into the
 canvas format ComfyUI's template browser loads (with titles and notes a user needs).
 
-    python scripts/example_workflows.py OBJECT_INFO_JSON     # rewrites example_workflows/NAME.json, workflows/NAME_api.json
-    python scripts/example_workflows.py --pictures           # docs/images/NAME.png and the NAME.jpg thumbnails
+    python -m scripts.example_workflows OBJECT_INFO_JSON   # rewrites example_workflows/*.json, workflows/NAME_api.json
+    python -m scripts.example_workflows --pictures         # docs/images/NAME.png and the NAME.jpg thumbnails
 
 ComfyUI lists every example_workflows/*.json of a pack in Workflow > Browse Templates (a same-named .jpg is its
 thumbnail) and loads it onto the canvas, so only canvas files sit there; the API twins (for /prompt, the batch
@@ -16,10 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ui_workflows import to_api, to_ui  # noqa: E402
+import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts.ui_workflows import to_api, to_ui
+from zimage_dev import REPO
+from zimage_dev.wide_files import CONTROL, WIDE
+
 OUT = REPO / "example_workflows"
 API = REPO / "workflows"                     # NAME_api.json: the API twins
 
@@ -312,13 +314,52 @@ def changed_inputs(before: dict, after: dict) -> set[tuple[str, str]]:
             if before[nid]["inputs"][key] != after[nid]["inputs"].get(key)}
 
 
+def plain(api: dict) -> dict:
+    """The graph without the optional _meta titles (the canvas keeps them as node titles)."""
+    return {nid: {"inputs": node["inputs"], "class_type": node["class_type"]} for nid, node in api.items()}
+
+
+# The test files each released name is run on (the ControlNet needs the wide DiT: dim 3840), and the Load Image
+# file each workflow reads.
+TINY = "z_image_turbo_tiny"
+TINY_FILES = {TURBO_DIT: f"{TINY}_bf16.safetensors", BASE_DIT: f"{TINY}_bf16.safetensors",
+              TEXT_ENCODER: f"{TINY}_qwen3.safetensors", VAE: f"{TINY}_ae.safetensors"}
+CONTROL_FILES = {**TINY_FILES, TURBO_DIT: WIDE, FUN_CONTROLNET: CONTROL}
+INPUT_IMAGE = {"zimage_turbo_inpaint": "tiny_inpaint.png", "zimage_turbo_controlnet": "tiny_depth.png"}
+
+
+def write_inputs(folder: Path, size: int) -> None:
+    """The Load Image files: a photo-like gradient, the same with a transparent square (Load Image's mask is
+    1 - alpha: the square is repainted), and a radial depth map."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(7)
+    photo = np.stack([x, y, 1 - x * y], -1) * 200 + rng.integers(0, 40, (size, size, 3))
+    Image.fromarray(photo.astype(np.uint8)).save(folder / "tiny_photo.png")
+    alpha = np.full((size, size), 255, np.uint8)
+    alpha[size // 4:3 * size // 4, size // 4:3 * size // 4] = 0
+    Image.fromarray(np.dstack([photo.astype(np.uint8), alpha]), "RGBA").save(folder / "tiny_inpaint.png")
+    depth = 255 * np.clip(1 - np.hypot(x - 0.5, y - 0.5) * 2, 0, 1)
+    Image.fromarray(np.repeat(depth[..., None], 3, -1).astype(np.uint8)).save(folder / "tiny_depth.png")
+
+
 def main(object_info_path: str) -> None:
+    """Every canvas file: the examples' from their graphs here (with notes and titles), every other API twin in
+    workflows/ (the e-commerce pair) converted as it is."""
     object_info = json.loads(Path(object_info_path).read_text())
+    for path in sorted(API.glob("*_api.json")):
+        name = path.name.removesuffix("_api.json")
+        if name not in WORKFLOWS:
+            target = OUT / f"{name}.json"
+            ui = to_ui(json.loads(path.read_text(encoding="utf-8")), object_info)
+            target.write_text(json.dumps(ui, ensure_ascii=False, indent=1), encoding="utf-8")
+            print(target)
     for name in WORKFLOWS:
         api, titles, notes = graphs(name)
-        plain = {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in api.items()}
-        ui = canvas(plain, titles, notes, object_info)
-        assert api_of_canvas(ui, object_info) == plain, name
+        graph = plain(api)
+        ui = canvas(graph, titles, notes, object_info)
+        assert api_of_canvas(ui, object_info) == graph, name
         (OUT / f"{name}.json").write_text(json.dumps(ui, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         (API / f"{name}_api.json").write_text(json.dumps(api, ensure_ascii=False, indent=1) + "\n",
                                                   encoding="utf-8")
@@ -329,31 +370,27 @@ def main(object_info_path: str) -> None:
 
 def pictures(version: str = "0.30.0", size: int = 256) -> None:
     """docs/images/NAME.png (128 px) and the template thumbnails example_workflows/NAME.jpg (256 px): each API
-    twin run on the tiny random weights (tests/test_example_workflows.py's files), at size x size with the
+    twin run on the tiny random weights (TINY_FILES, CONTROL_FILES), at size x size with the
     shipped steps (the ControlNet's wide test DiT in bf16). They show that the graph runs, not what Z-Image
     draws."""
     import tempfile
-    import numpy as np
     from PIL import Image
-    sys.path.insert(0, str(REPO / "tests"))
-    from comfy_server import ComfyServer, write_tiny_models
-    from model_node_table import fixture_files, link
-    import test_example_workflows as t
+    from zimage_dev.comfy_server import ComfyServer, write_tiny_models
+    from zimage_dev.wide_files import fixture_files, link
     docs = REPO / "docs" / "images"
     docs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         write_tiny_models(base / "models")
-        t.SIZE = size
-        t.write_inputs(base / "input")
-        for sub, name in (("diffusion_models", t.WIDE), ("model_patches", t.CONTROL)):
+        write_inputs(base / "input", size)
+        for sub, name in (("diffusion_models", WIDE), ("model_patches", CONTROL)):
             (base / "models" / sub).mkdir(parents=True, exist_ok=True)
             link(fixture_files() / name, base / "models" / sub / name)
         with ComfyServer(version, base) as srv:
             for name in WORKFLOWS:
-                api = t.plain(json.loads((API / f"{name}_api.json").read_text(encoding="utf-8")))
-                files = t.CONTROL_FILES if name == "zimage_turbo_controlnet" else t.FILES
-                wf = for_tiny_weights(api, files, t.INPUT_IMAGE.get(name, "tiny_photo.png"), size, max_steps=50,
+                api = plain(json.loads((API / f"{name}_api.json").read_text(encoding="utf-8")))
+                files = CONTROL_FILES if name == "zimage_turbo_controlnet" else TINY_FILES
+                wf = for_tiny_weights(api, files, INPUT_IMAGE.get(name, "tiny_photo.png"), size, max_steps=50,
                                       tile=size // 2,
                                       weight_dtype="bf16" if name == "zimage_turbo_controlnet" else None)
                 entry = srv.run(wf, timeout=900)

@@ -5,16 +5,11 @@ lives, attention as the fused GPU kernels compute it; a floor, kernel workspaces
 in it). Nothing here is measured on a GPU. docs/hires.md states these numbers; tests/test_example_workflows.py
 recomputes them and compares.
 
-    .runtime/venv/bin/python scripts/hires_memory.py
+    .runtime/venv/bin/python -m scripts.hires_memory
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "scripts"))
 
 GIB = 2 ** 30
 MIB = 2 ** 20
@@ -26,7 +21,7 @@ TILE = 512                      # the workflow's VAEEncodeTiled / VAEDecodeTiled
 
 def comfy_rules(version: str = "0.30.0"):
     """ComfyUI's own constants, read from the tree (model_management on an NVIDIA card, Linux)."""
-    import comfy_tree
+    from zimage_dev import comfy_tree
     comfy_tree.import_comfy(version, cpu=True)
     import comfy.model_management as mm
     return {"extra_reserved": mm.extra_reserved_memory(), "minimum_inference": mm.minimum_inference_memory(),
@@ -60,7 +55,7 @@ def counted(sizes=(1024, 2048), tile: int = TILE) -> dict:
     """Activation peaks counted on the meta device: the loaders' MODEL (core's NextDiT at Turbo size) for one
     forward at each size, bf16; the Flux AE decoder (the pack's engine, core's architecture) whole and on one
     tile; Qwen3-4B encoding CAPTION_TOKENS tokens. Weights: the modules' parameter bytes."""
-    import comfy_tree
+    from zimage_dev import comfy_tree
     comfy_tree.import_comfy("0.30.0", cpu=True)
     core_model = comfy_tree.import_pack("nodes.core_model")
     import comfy.ldm.lumina.model as lumina
@@ -76,7 +71,7 @@ def counted(sizes=(1024, 2048), tile: int = TILE) -> dict:
 
 def _count(sizes, tile, dit_parts) -> dict:
     import torch
-    from meta_memory import param_bytes, peak_bytes
+    from bench.meta_memory import param_bytes, peak_bytes
     from zimage_core.config import TURBO
     from zimage_core.text_encoder import QWEN3_4B, Qwen3Encoder
     from zimage_core.vae import FLUX_AE, AutoEncoder

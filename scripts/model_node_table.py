@@ -2,7 +2,7 @@
 
 For each ComfyUI version, one server: /object_info lists the nodes; each core node with a MODEL input runs twice
 in a tiny job, once on the pack's ZImageTurboLoader MODEL and once on core's UNETLoader MODEL, both read from the
-same full-width Z-Image file (tests/test_core_nodes.py's fixture: dim 3840, two layers). Its other inputs get
+same full-width Z-Image file (zimage_dev/wide_files.py: dim 3840, two layers). Its other inputs get
 /object_info's defaults, or small stand-ins made by core nodes (prompt, latent, image, mask, sampler, sigmas);
 downstream of it core's own KSampler (or SamplerCustom / SamplerCustomAdvanced for SIGMAS and GUIDER) samples
 64x64 in one step at cfg 1 (one model pass per job: ~330 jobs on a 1.1 B model must fit a CPU). Results:
@@ -13,7 +13,7 @@ downstream of it core's own KSampler (or SamplerCustom / SamplerCustomAdvanced f
 All branches of a version go into one prompt (ComfyUI caches what ran, so after a refusal the prompt is posted
 again without that branch and only the rest runs). Writes docs/model_nodes.md and docs/model_nodes.json.
 
-    .runtime/venv/bin/python scripts/model_node_table.py [--versions 0.30.0 0.3.75] [--nodes A B ...]
+    .runtime/venv/bin/python -m scripts.model_node_table [--versions 0.30.0 0.3.75] [--nodes A B ...]
 """
 from __future__ import annotations
 
@@ -29,15 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))
-from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
+from zimage_dev import REPO
+from zimage_dev.comfy_server import ComfyServer, write_tiny_models
+from zimage_dev.wide_files import CONTROL, FIXTURES, WIDE, fixture_files, link
 
 VERSIONS = ("0.30.0", "0.3.75")
-FIXTURES = REPO / ".runtime" / "cache" / "model_node_table"       # 5.3 GB, written once
-WIDE = "zt_wide_bf16.safetensors"                 # Z-Image at the released width (dim 3840), two layers
-CONTROL = "zt_fun_controlnet_union.safetensors"     # a Fun ControlNet for it, Union 1.0 layout
 SIZE, STEPS, SEED, CFG = 64, 1, 31, 1.0    # one model pass per job: the run must fit in minutes
 KEEP_LOG: Path | None = None                                        # --keep-log: the servers' logs go here
 TOLERANCE = 1                                                       # /255, as in tests/test_core_nodes.py
@@ -75,30 +71,6 @@ SMALL = {"steps": STEPS, "width": SIZE, "height": SIZE, "batch_size": 1, "length
 
 # ---- fixture files ----
 
-def fixture_files(folder: Path = FIXTURES) -> Path:
-    """The wide DiT, a Fun ControlNet for it and LoRAs in each format core maps, written once and shared by this
-    survey, tests/test_core_nodes.py and every other test that needs them (5.3 GB: one copy on the disk, not one
-    per test run). A lock keeps two processes from writing at once; a write cut short leaves no "complete" mark,
-    so the next caller writes again."""
-    import fcntl
-    from test_core_nodes import controlnet_weights, wide_config, write_loras
-    folder.mkdir(parents=True, exist_ok=True)
-    done = folder / "complete"
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            from safetensors.torch import save_file
-            from zimage_core import synthetic
-            for name, weights in ((WIDE, lambda: synthetic.dit_weights(wide_config(), seed=21)),
-                                  (CONTROL, controlnet_weights)):
-                partial = folder / f"{name}.partial"
-                save_file(weights(), str(partial))
-                partial.replace(folder / name)
-            write_loras(folder / "loras", wide_config().dim)
-            done.write_text("written by scripts/model_node_table.py fixture_files\n")
-    return folder
-
-
 def prepare_base(base: Path, fixtures: Path) -> None:
     """A ComfyUI base directory: the pack's tiny text encoder and VAE, the wide DiT and ControlNet hard-linked
     (no copy of 2.2 GB), the LoRAs, and a 64x64 input image."""
@@ -113,13 +85,6 @@ def prepare_base(base: Path, fixtures: Path) -> None:
     (base / "input").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(3)
     Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(base / "input" / "survey.png")
-
-
-def link(src: Path, dst: Path) -> None:
-    try:
-        dst.hardlink_to(src)
-    except OSError:                      # another file system: a copy, slower but the same bytes
-        shutil.copyfile(src, dst)
 
 
 # ---- the prompt ----

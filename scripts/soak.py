@@ -2,7 +2,7 @@
 on 127.0.0.1 with this pack and tiny random weights. Prints its figures; exits 1 if a job was lost, ran twice,
 failed, or memory grew past the bound.
 
-    .runtime/venv/bin/python scripts/soak.py --prompts 200 --clients 8 --sequential 100 --size 64
+    .runtime/venv/bin/python -m scripts.soak --prompts 200 --clients 8 --sequential 100 --size 64
 
 Each client does what a shop's integration does: POST /prompt, then poll /history/<id> until it is done.
 Every prompt has its own seed and file prefix, so "exactly once" and "distinct outputs" can be checked on
@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from comfy_server import ComfyServer, execution_error, write_tiny_models  # noqa: E402
+
+from zimage_dev.comfy_server import ComfyServer, execution_error, write_tiny_models
 
 
 def job(seed: int, prefix: str, size: int = 64, steps: int = 8, prompt: str = "a ceramic mug, studio light") -> dict:

@@ -1,21 +1,12 @@
-"""API-format workflows <-> the canvas (LiteGraph) format that ComfyUI's template browser loads.
-
-    python scripts/ui_workflows.py OBJECT_INFO_JSON [NAME...]   # example_workflows/NAME.json from workflows/NAME_api.json
-
-The canvas files live in example_workflows/, which ComfyUI serves to its template browser; the API twins in
-workflows/ (for /prompt and the batch client). The example workflows' canvases, with their notes and titles, are
-written by scripts/example_workflows.py instead.
+"""API-format workflows <-> the canvas (LiteGraph) format that ComfyUI's template browser loads: the converter
+scripts/example_workflows.py writes every canvas file with (the canvas files live in example_workflows/, which
+ComfyUI serves to its template browser; the API twins in workflows/, for /prompt and the batch client).
 
 The canvas format stores widget values by position (the node's widget inputs in INPUT_TYPES order, plus the
 'control after generate' value after a seed), so the conversion needs the nodes' /object_info.
 """
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 LINKABLE = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "CLIP_VISION", "CONTROL_NET"}
 
 
@@ -124,23 +115,3 @@ def to_api(ui: dict, object_info: dict) -> dict:
                     next(values)
         api[str(node["id"])] = {"inputs": inputs, "class_type": node["type"]}
     return api
-
-
-def main(object_info_path: str, *names: str) -> None:
-    """Convert every workflows/*_api.json into example_workflows/NAME.json, or only those named (e.g.
-    ecommerce_turbo)."""
-    object_info = json.loads(Path(object_info_path).read_text())
-    out = REPO / "example_workflows"              # the folder ComfyUI serves to its template browser
-    from example_workflows import WORKFLOWS as WITH_NOTES
-    for path in sorted((REPO / "workflows").glob("*_api.json")):
-        name = path.name.removesuffix("_api.json")
-        if (names and name not in names) or name in WITH_NOTES:
-            continue
-        api = json.loads(path.read_text(encoding="utf-8"))
-        target = out / path.name.replace("_api.json", ".json")
-        target.write_text(json.dumps(to_ui(api, object_info), ensure_ascii=False, indent=1), encoding="utf-8")
-        print(target)
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])

@@ -8,18 +8,16 @@ run cond and uncond as one batch, the truncated ones a single pass, and the vari
 from __future__ import annotations
 
 import copy
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, comfyui_tree, import_pack, write_diffusers_folder
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer  # noqa: E402
-from test_server import SAME_AS_DIFFUSERS, write_split_from_diffusers  # noqa: E402
+from zimage_dev.runtime import comfyui_tree, import_pack
+from zimage_dev.diffusers_files import write_diffusers_folder
+from zimage_dev.comfy_server import ComfyServer
+from zimage_dev.diffusers_files import SAME_AS_DIFFUSERS, write_split_from_diffusers
 
 SIZE = 64
 FOLDER = "Z-Image-tiny"

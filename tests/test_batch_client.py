@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,13 +19,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree
+from zimage_dev.comfy_server import ComfyServer, load_workflow, write_tiny_models
 
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
-
-from zimage_batch.jobs import JobsError, load_jobs  # noqa: E402
-from zimage_batch.workflow import Template, WorkflowError, outside_limits  # noqa: E402
+from zimage_batch.jobs import JobsError, load_jobs
+from zimage_batch.workflow import Template, WorkflowError, outside_limits
 
 BIN = REPO / ".runtime" / "venv" / "bin"
 COMMAND = [str(BIN / "zimage-batch")]

@@ -9,14 +9,15 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, comfyui_tree
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree
 
 STAGES = {"load", "encode", "sample", "decode"}
 
 
 def test_smoke_run_has_both_sides_for_every_stage_and_the_same_image(tmp_path):
     comfyui_tree()                                               # skips or fails as the other core tests do
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "comfy_nodes.py"), "--smoke", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "bench.comfy_nodes", "--smoke", "--out", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (path,) = tmp_path.glob("comfy_nodes-*.json")

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, comfyui_tree
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree
 
 # what each supported ComfyUI does, probe by probe (nodes/comfy_compat.py says why each matters)
 EXPECTED = {
@@ -34,8 +35,7 @@ FORBIDDEN = [r"hasattr\((comfy|mm)\.", r"getattr\((comfy|mm)\.", r"inspect\.sign
 def report(version: str) -> dict:
     comfyui_tree(version)
     code = ("import json, sys\n"
-            f"sys.path.insert(0, {str(REPO / 'scripts')!r})\n"
-            "import comfy_tree\n"
+            "from zimage_dev import comfy_tree\n"
             f"comfy_tree.import_comfy({version!r}, cpu=True)\n"
             "compat = comfy_tree.import_pack('nodes.comfy_compat')\n"
             "print('REPORT' + json.dumps(compat.probe_report()))\n")

@@ -8,7 +8,7 @@ the wide fixture (dim 3840, two main blocks) of tests/test_core_nodes.py with it
 cached once, hard-linked here); the lite and inpaint cases need a layout with inpaint channels, a 2.1-lite
 ControlNet written here in the released key names (which core converts on load and diffusers reads as they are).
 The text encoder and VAE are a tiny diffusers pipeline's, written in ComfyUI's layouts. Both sides hold bf16
-weights and compute in fp32 (tests/controlnet_reference.py says how diffusers is made to). 64x64 pixels are 16
+weights and compute in fp32 (zimage_dev/controlnet_reference.py says how diffusers is made to). 64x64 pixels are 16
 image tokens, padded to 32: the control tokens' padding is in every case.
 
 Each case compares the final latent (SaveLatent) and the PNG:
@@ -32,12 +32,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, comfyui_tree, write_diffusers_folder
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer  # noqa: E402
-from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402
-from test_server import SAME_AS_DIFFUSERS, write_split_from_diffusers  # noqa: E402
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree
+from zimage_dev.diffusers_files import write_diffusers_folder
+from zimage_dev.comfy_server import ComfyServer
+from zimage_dev.wide_files import CONTROL, WIDE, fixture_files, link
+from zimage_dev.diffusers_files import SAME_AS_DIFFUSERS, write_split_from_diffusers
 
 LITE = "zt_fun_controlnet_lite_release_layout.safetensors"
 WIDTH = HEIGHT = 64
@@ -111,8 +111,8 @@ def reference(base, tmp) -> dict:
     (tmp / "job.json").write_text(json.dumps(job))
     log = tmp / "reference.log"
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "controlnet_reference.py"), str(tmp / "job.json")],
-                              stdout=out, stderr=subprocess.STDOUT, timeout=1200)
+        proc = subprocess.run([sys.executable, "-m", "zimage_dev.controlnet_reference", str(tmp / "job.json")],
+                              cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=1200)
     assert proc.returncode == 0, log.read_text()[-4000:]
     return torch.load(tmp / "reference.pt", weights_only=False)
 
@@ -124,7 +124,7 @@ def setup(request, tmp_path_factory):
     if not core_has_fun_controlnet(version):
         pytest.skip(f"ComfyUI {version} has no ZImageFunControlnet (nor comfy/ldm/lumina/controlnet.py): core added "
                     "the Z-Image Fun ControlNet after 0.3.75, and the pack's node runs core's ZImage_Control")
-    from controlnet_reference import write_release_file
+    from zimage_dev.controlnet_reference import write_release_file
     cache = fixture_files()
     base = tmp_path_factory.mktemp(f"controlnet-{version}")
     tmp = tmp_path_factory.mktemp(f"controlnet-ref-{version}")

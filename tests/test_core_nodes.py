@@ -8,47 +8,25 @@ MODEL and once on core's, same seed and prompt: the saved PNGs must agree, and t
 costs (the pack's bf16 weights stay memory-mapped)."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, comfyui_tree
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
-from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402
+from zimage_dev.runtime import comfyui_tree
+from zimage_dev.comfy_server import ComfyServer, write_tiny_models
+from zimage_dev.wide_files import CONTROL, LORA_FORMATS, WIDE, fixture_files, link, wide_config, write_loras
 
 SIZE, STEPS, SEED = 64, 2, 31
-
-
-def wide_config():
-    from zimage_core.config import DiTConfig
-    from zimage_core.synthetic import TINY_TEXT
-    return DiTConfig(n_layers=2, cap_feat_dim=TINY_TEXT.hidden)      # the released widths, two main layers
 
 
 @pytest.fixture(scope="module")
 def wide_files():
     """The wide DiT and a Fun ControlNet (Union 1.0 layout, as core's ModelPatchLoader reads it) for it: written
-    once into the runtime's cache (scripts/model_node_table.py fixture_files) and hard-linked into each server's
+    once into the runtime's cache (zimage_dev/wide_files.py fixture_files) and hard-linked into each server's
     models folder, so the 5.3 GB exist once on the disk."""
     return fixture_files()
-
-
-def controlnet_weights(seed: int = 22) -> dict[str, torch.Tensor]:
-    """Random weights with the keys and shapes of core's ZImage_Control (v1.0: six control layers)."""
-    comfyui_tree()
-    from conftest import import_comfy
-    import_comfy()
-    import comfy.ldm.lumina.controlnet as controlnet
-    import comfy.ops
-    from conftest import released_like
-    with torch.device("meta"):
-        module = controlnet.ZImage_Control(operations=comfy.ops.disable_weight_init, device="meta")
-    return released_like(module, seed)
 
 
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
@@ -62,55 +40,6 @@ def server(request, tmp_path_factory, wide_files):
     write_loras(base / "models" / "loras", wide_config().dim)
     with ComfyServer(request.param, base) as srv:
         yield srv
-
-
-LORA_FORMATS = ("comfyui", "ai-toolkit", "diffusers-peft", "diffsynth")
-
-
-def write_loras(folder, dim: int, rank: int = 4) -> None:
-    """One LoRA on the first main block's attention, in each format core maps for Z-Image."""
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(5)
-
-    def pair(rows):
-        return torch.randn(rows, rank, generator=g) * 0.05, torch.randn(rank, dim, generator=g) * 0.05
-    up_q, down_q = pair(dim)
-    up_o, down_o = pair(dim)
-    for name, prefix, a, b in (("ai-toolkit", "diffusion_model.", "lora_A.weight", "lora_B.weight"),
-                               ("diffusers-peft", "transformer.", "lora_A.weight", "lora_B.weight"),
-                               ("diffsynth", "", "lora_A.default.weight", "lora_B.default.weight")):
-        save_file({f"{prefix}layers.0.attention.to_q.{a}": down_q, f"{prefix}layers.0.attention.to_q.{b}": up_q,
-                   f"{prefix}layers.0.attention.to_out.0.{a}": down_o,
-                   f"{prefix}layers.0.attention.to_out.0.{b}": up_o}, str(folder / f"{name}.safetensors"))
-    up3, down3 = pair(3 * dim)
-    save_file({"diffusion_model.layers.0.attention.qkv.lora_up.weight": up3,
-               "diffusion_model.layers.0.attention.qkv.lora_down.weight": down3}, str(folder / "comfyui.safetensors"))
-    write_musubi_pair(folder, dim, rank)
-
-
-def write_musubi_pair(folder, dim: int, rank: int) -> None:
-    """musubi-tuner's native LoRA (split q/k/v, alpha = rank / 2), its lora_unet__ variant without alpha, and each
-    one's delta written by hand in ComfyUI's fused form, which core's LoraLoader reads."""
-    from safetensors.torch import save_file
-    g = torch.Generator().manual_seed(6)
-    # twice the other fixtures' scale: alpha = rank / 2 halves it back, and q/k/v alone move the image less
-    parts = {n: (torch.randn(rank, dim, generator=g) * 0.1, torch.randn(dim, rank, generator=g) * 0.1)
-             for n in ("to_q", "to_k", "to_v")}
-    for name, prefix, alpha in (("musubi", "lora_unet_", rank / 2), ("musubi_double_underscore", "lora_unet__", None)):
-        sd = {}
-        for n, (down, up) in parts.items():
-            key = f"{prefix}layers_0_attention_{n}"
-            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down.clone(), up.clone()
-            if alpha is not None:
-                sd[f"{key}.alpha"] = torch.tensor(float(alpha))
-        save_file(sd, str(folder / f"{name}.safetensors"))
-        scale = (alpha if alpha is not None else rank) / rank
-        up = torch.block_diag(*[p[1] * scale for p in parts.values()])           # each part on its own rows
-        save_file({"diffusion_model.layers.0.attention.qkv.lora_up.weight": up.contiguous(),
-                   "diffusion_model.layers.0.attention.qkv.lora_down.weight": torch.cat([p[0] for p in parts.values()]),
-                   "diffusion_model.layers.0.attention.qkv.alpha": torch.tensor(float(3 * rank))},
-                  str(folder / f"{name}_as_comfyui.safetensors"))
 
 
 def job(server, side: str, patches: list[dict] | None = None, prefix: str = "x") -> dict:

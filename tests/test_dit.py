@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import import_comfy, randomize, rel_err
+from zimage_dev.runtime import import_comfy
+from zimage_dev.parity import randomize, rel_err
 from zimage_core.config import SMALL, TINY, TINY_DEEP, TURBO, DiTConfig
 from zimage_core.dit import ZImageDiT
 from zimage_core.keys import dit_from_diffusers
@@ -95,7 +96,7 @@ def test_turbo_diffusers_keys_map_onto_ours():
 
 def comfy_nextdit(cfg: DiTConfig):
     import_comfy()
-    from comfy_tree import comfy_nextdit as build
+    from zimage_dev.comfy_tree import comfy_nextdit as build
     return build(cfg)
 
 

@@ -6,7 +6,6 @@ graph as shipped. One server per version serves every workflow."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,22 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, RUNTIME, comfyui_tree
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
-from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402  (the ControlNet needs dim 3840)
-from example_workflows import (API, BASE_DIT, CUT, FUN_CONTROLNET, NOTE_TYPES, TEMPLATE_TWINS, TEXT_ENCODER,  # noqa: E402
-                               TURBO_DIT, VAE, WORKFLOWS, api_of_canvas, changed_inputs, for_tiny_weights)
+from zimage_dev import REPO, RUNTIME
+from zimage_dev.runtime import comfyui_tree
+from zimage_dev.browser import chromium
+from zimage_dev.comfy_server import ComfyServer, write_tiny_models
+from zimage_dev.wide_files import CONTROL, WIDE, fixture_files, link      # the ControlNet needs dim 3840
+from scripts.example_workflows import (API, BASE_DIT, CONTROL_FILES, CUT, FUN_CONTROLNET, INPUT_IMAGE, NOTE_TYPES,
+                                       TEMPLATE_TWINS, TEXT_ENCODER, TINY_FILES, TURBO_DIT, VAE, WORKFLOWS, api_of_canvas,
+                                       changed_inputs, for_tiny_weights, plain, write_inputs)
 
 PACK = "comfyui_zimage_turbo"
 FOLDER = REPO / "example_workflows"
 NAMES = sorted(WORKFLOWS)                              # the e-commerce pair: tests/test_server.py
 SIZE = 64
-TINY = "z_image_turbo_tiny"
-FILES = {TURBO_DIT: f"{TINY}_bf16.safetensors", BASE_DIT: f"{TINY}_bf16.safetensors",
-         TEXT_ENCODER: f"{TINY}_qwen3.safetensors", VAE: f"{TINY}_ae.safetensors"}
-CONTROL_FILES = {**FILES, TURBO_DIT: WIDE, FUN_CONTROLNET: CONTROL}
 FRONTENDS = {"0.3.75": RUNTIME / "frontend-0.3.75"}    # 0.30.0's frontend is the venv's package
 TIMES: dict[str, float] = {}
 
@@ -42,36 +38,13 @@ def shipped(name: str) -> tuple[dict, dict]:
     return ui, api
 
 
-def plain(api: dict) -> dict:
-    """The graph without the optional _meta titles (the canvas keeps them as node titles)."""
-    return {nid: {"inputs": node["inputs"], "class_type": node["class_type"]} for nid, node in api.items()}
-
-
-def write_inputs(folder) -> None:
-    """The Load Image files: a photo-like gradient, the same with a transparent square (Load Image's mask is
-    1 - alpha: the square is repainted), and a radial depth map."""
-    folder.mkdir(parents=True, exist_ok=True)
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    rng = np.random.default_rng(7)
-    photo = np.stack([x, y, 1 - x * y], -1) * 200 + rng.integers(0, 40, (SIZE, SIZE, 3))
-    Image.fromarray(photo.astype(np.uint8)).save(folder / "tiny_photo.png")
-    alpha = np.full((SIZE, SIZE), 255, np.uint8)
-    alpha[SIZE // 4:3 * SIZE // 4, SIZE // 4:3 * SIZE // 4] = 0
-    Image.fromarray(np.dstack([photo.astype(np.uint8), alpha]), "RGBA").save(folder / "tiny_inpaint.png")
-    depth = 255 * np.clip(1 - np.hypot(x - 0.5, y - 0.5) * 2, 0, 1)
-    Image.fromarray(np.repeat(depth[..., None], 3, -1).astype(np.uint8)).save(folder / "tiny_depth.png")
-
-
-INPUT_IMAGE = {"zimage_turbo_inpaint": "tiny_inpaint.png", "zimage_turbo_controlnet": "tiny_depth.png"}
-
-
 @pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
 def server(request, tmp_path_factory):
     version = request.param
     comfyui_tree(version)
     base = tmp_path_factory.mktemp(f"examples-{version}")
     write_tiny_models(base / "models")
-    write_inputs(base / "input")
+    write_inputs(base / "input", SIZE)
     fixtures = fixture_files()                          # written once into the runtime cache, shared
     for sub, name in (("diffusion_models", WIDE), ("model_patches", CONTROL)):
         (base / "models" / sub).mkdir(parents=True, exist_ok=True)
@@ -192,7 +165,7 @@ def test_workflow_runs_over_prompt_and_writes_a_real_image(server, name):
     if name == "zimage_turbo_controlnet" and "ZImageFunControlnet" not in server.object_info():
         pytest.skip(f"ComfyUI {server.version} has no core ZImageFunControlnet (added in 0.3.76), whose model "
                     f"the pack's scheduled ControlNet runs")
-    files = CONTROL_FILES if name == "zimage_turbo_controlnet" else FILES
+    files = CONTROL_FILES if name == "zimage_turbo_controlnet" else TINY_FILES
     # the wide DiT (2.2 GB in bf16) in bf16: "auto" is fp32 on a CPU, twice that next to a 3.1 GB ControlNet
     wf = for_tiny_weights(api, files, INPUT_IMAGE.get(name, "tiny_photo.png"), SIZE,
                           weight_dtype="bf16" if name == "zimage_turbo_controlnet" else None)
@@ -235,7 +208,7 @@ def test_the_inpaint_workflow_runs_as_shipped_on_comfyui_s_own_example_image(ser
     wf = json.loads(json.dumps(api))
     loader = next(n["inputs"] for n in wf.values() if n["class_type"] == "ZImageTurboLoader")
     for key in ("unet_name", "clip_name", "vae_name"):
-        loader[key] = FILES[loader[key]]
+        loader[key] = TINY_FILES[loader[key]]
     assert changed_inputs(api, wf) == {("ZImageTurboLoader", k) for k in ("unet_name", "clip_name", "vae_name")}
     encode = next(nid for nid, n in wf.items() if n["class_type"] == "ZImageInpaintEncode")
     sampler = next(nid for nid, n in wf.items() if n["class_type"] == "ZImageTurboSampler")
@@ -277,7 +250,7 @@ def test_the_image_to_image_workflow_runs_as_shipped_on_comfyui_s_example_image(
     wf = json.loads(json.dumps(api))
     loader = next(n["inputs"] for n in wf.values() if n["class_type"] == "ZImageTurboLoader")
     for key in ("unet_name", "clip_name", "vae_name"):
-        loader[key] = FILES[loader[key]]
+        loader[key] = TINY_FILES[loader[key]]
     entry = server.run(wf, timeout=900)
     (images,) = [out["images"] for out in entry["outputs"].values() if "images" in out]
     width, height = Image.open(stock).size
@@ -302,34 +275,25 @@ def graph_to_prompt(page, ui: dict) -> dict:
 def test_the_frontend_turns_each_canvas_file_into_its_api_twin(server):
     """ComfyUI's own frontend, in headless Chromium: load each canvas file and ask it for the prompt it would
     post (graphToPrompt). That is the conversion a user's Queue button does."""
-    from pathlib import Path
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip(f"no Chromium at {chromium}: run scripts/setup_browser.sh (Debian's chromium)")
     if not server.frontend_ok:
         pytest.skip(f"no frontend for ComfyUI {server.version} at {FRONTENDS[server.version]}: run "
                     f"scripts/setup_runtime.sh")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     status, _ = server.post("/settings/Comfy.TutorialCompleted", True)     # no template browser over the canvas
     assert status == 200
     started = time.monotonic()
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(server.url)
-            page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.LiteGraph "
-                                   "&& LiteGraph.registered_node_types.ZImageTurboSampler "
-                                   "&& window.comfyAPI.app.app.graph.nodes.length", timeout=120_000)
-            for name in NAMES:
-                ui, api = shipped(name)
-                got = graph_to_prompt(page, ui)
-                assert {nid: {"inputs": n["inputs"], "class_type": n["class_type"]} for nid, n in got.items()} \
-                    == plain(api), name
-                titles = {nid: n["_meta"]["title"] for nid, n in api.items() if "_meta" in n}
-                assert {nid: got[nid]["_meta"]["title"] for nid in titles} == titles, name
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(server.url)
+        page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.LiteGraph "
+                               "&& LiteGraph.registered_node_types.ZImageTurboSampler "
+                               "&& window.comfyAPI.app.app.graph.nodes.length", timeout=120_000)
+        for name in NAMES:
+            ui, api = shipped(name)
+            got = graph_to_prompt(page, ui)
+            assert {nid: {"inputs": n["inputs"], "class_type": n["class_type"]} for nid, n in got.items()} \
+                == plain(api), name
+            titles = {nid: n["_meta"]["title"] for nid, n in api.items() if "_meta" in n}
+            assert {nid: got[nid]["_meta"]["title"] for nid in titles} == titles, name
     TIMES[f"{server.version} frontend"] = time.monotonic() - started
 
 
@@ -338,7 +302,7 @@ def test_hires_doc_states_the_recomputed_figures():
     activations counted on the meta device), for the tiles and sizes the shipped hires workflow uses; and the
     claims it makes from them hold: under the 12 GB budget ComfyUI streams part of the bf16 DiT in pass 2 and
     keeps the fp8 one whole, both under the free memory, and only the tiled VAE decode fits."""
-    import hires_memory as hm
+    from scripts import hires_memory as hm
     api = shipped("zimage_turbo_hires_2x")[1]
     by_kind = {n["class_type"]: n["inputs"] for n in api.values()}
     first = next(n["inputs"] for n in api.values() if n["class_type"] == "ZImageTurboSize")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize, rel_err
+from zimage_dev.parity import randomize, rel_err
 from zimage_core import layers, quant
 from zimage_core.config import TINY, TINY_DEEP
 from zimage_core.dit import TransformerBlock, ZImageDiT

@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import import_pack, randomize, rel_err
-from controlnet_reference import dit_gets_refiner_hints
+from zimage_dev.runtime import import_pack
+from zimage_dev.parity import randomize, rel_err
+from zimage_dev.controlnet_reference import dit_gets_refiner_hints
 
 DIM, HEADS, CAP_DIM, CAP_LEN = 64, 4, 32, 9
 LATENT_H, LATENT_W = 8, 12                     # 4 x 6 = 24 image tokens, padded to 32

@@ -10,8 +10,8 @@ import weakref
 import pytest
 import torch
 
-from conftest import import_pack
-from zimage_core import synthetic
+from zimage_dev.runtime import import_pack
+from zimage_dev import synthetic
 from zimage_core.config import TINY
 
 

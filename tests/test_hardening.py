@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,12 +23,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import REPO, comfyui_tree, tokenizer_dir
-from zimage_core import synthetic
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, execution_error, write_tiny_models  # noqa: E402
-from soak import job, run_concurrent, run_sequential  # noqa: E402
+from zimage_dev.runtime import comfyui_tree, tokenizer_dir
+from zimage_dev import synthetic
+from zimage_dev.comfy_server import ComfyServer, execution_error, write_tiny_models
+from scripts.soak import job, run_concurrent, run_sequential
 
 TINY_NAME = "z_image_turbo_tiny"
 DIT, TE, VAE = f"{TINY_NAME}_bf16.safetensors", f"{TINY_NAME}_qwen3.safetensors", f"{TINY_NAME}_ae.safetensors"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from zimage_dev import REPO
 
 
 def test_ruff_passes():

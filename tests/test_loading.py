@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import rel_err
-from zimage_core import synthetic
+from zimage_dev.parity import rel_err
+from zimage_dev import synthetic
 from zimage_core.config import TURBO
 from zimage_core.dit import ZImageDiT
 from zimage_core.errors import CheckpointMismatch, CorruptFile, UnknownCheckpoint, UnsupportedFile
@@ -327,18 +327,17 @@ REPO = Path(__file__).resolve().parents[1]
 # tensor is read included.
 MEASURE_LOAD = r"""
 import json, resource, sys
-sys.path.insert(0, sys.argv[1])
 import torch
 from zimage_core.loading import load_dit
 from zimage_core.checkpoint import open_checkpoint
 
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-ckpt = open_checkpoint(sys.argv[2])
+ckpt = open_checkpoint(sys.argv[1])
 largest = max(torch.Size(s).numel() * 2 for s in ckpt.shapes.values())          # bf16 bytes
 del ckpt
 base = peak()
-model, report = load_dit(sys.argv[2], torch.float32, "cpu", fp8_blocks=True)
+model, report = load_dit(sys.argv[1], torch.float32, "cpu", fp8_blocks=True)
 print(json.dumps({"base": base, "peak": peak(), "largest": largest, "fp8": report.fp8_blocks,
                   "model": sum(t.nbytes for t in model.state_dict().values()),
                   "params": sum(t.numel() for t in model.state_dict().values())}))
@@ -368,7 +367,7 @@ def test_fp8_load_of_the_full_size_bf16_file_peaks_at_the_fp8_model_plus_one_ten
         pytest.skip(f"{memory_available() / GiB:.1f} GiB available: the measured load needs about 7")
     path = full_size_dit_file(tmp_path)
     assert os.stat(path).st_blocks * 512 < 2 ** 20           # hollow: no disk
-    result = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(REPO), str(path)], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(path)], cwd=REPO, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     m = json.loads(result.stdout.strip().splitlines()[-1])

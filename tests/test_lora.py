@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import import_pack, rel_err
+from zimage_dev.runtime import import_pack
+from zimage_dev.parity import rel_err
 
 RANK = 4
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rel_err, tokenizer_dir
-from zimage_core import synthetic
+from zimage_dev.parity import rel_err
+from zimage_dev.runtime import tokenizer_dir
+from zimage_dev import synthetic
 from zimage_core.memory import ARENA_ALIGN, BlockStreamer, check_policy, decode_tiled, plan_arena, stream_dit_blocks
 from zimage_core.pipeline import ZImagePipeline, load_zimage
 

@@ -6,16 +6,14 @@ on the meta device (shapes only, no memory, no GPU) under a dispatch mode that a
 tensor it makes while alive, with the attention as the fused GPU kernels compute it (bench/meta_memory.py)."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, import_comfy, import_pack
+from zimage_dev.runtime import import_comfy, import_pack
 from zimage_core.config import TURBO
 
-sys.path.insert(0, str(REPO / "bench"))
-from meta_memory import peak_bytes  # noqa: E402
+from bench.meta_memory import peak_bytes
 
 CAPTION_TOKENS = 128
 MARGIN = 1.9          # ComfyUI 0.30.0's reservation for core's NextDiT over core's own count (2.8 / 1.47)
@@ -52,7 +50,7 @@ def test_comfyui_reserves_enough_for_the_loaders_model(size, batch, monkeypatch)
 def test_the_loaded_model_carries_the_factor(tmp_path):
     """Core's samplers (and the pack's, which runs through them) reserve model.memory_required(...), which
     reads the factor the loader set: 2.8 on every ComfyUI version (0.3.75 ships 1.7)."""
-    from zimage_core import synthetic
+    from zimage_dev import synthetic
     core_model = import_pack("nodes.core_model")
     files = synthetic.write_split_files(tmp_path)
     model = core_model.load_model(files.dit)
@@ -67,7 +65,7 @@ def test_core_nextdit_count_matches_the_reservation_core_chose(monkeypatch):
     import comfy.ldm.lumina.model as lumina
     import comfy.ops  # noqa: F401
     import comfy.ldm.modules.attention as attention
-    from comfy_tree import comfy_nextdit
+    from zimage_dev.comfy_tree import comfy_nextdit
     monkeypatch.setattr(lumina, "optimized_attention_masked", attention.attention_pytorch)   # as on a GPU
     with torch.device("meta"):
         core = comfy_nextdit(TURBO, device="meta", dtype=torch.bfloat16)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import uuid
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree, import_pack
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, execution_error, load_workflow, write_tiny_models  # noqa: E402
+from zimage_dev.runtime import comfyui_tree, import_pack
+from zimage_dev.comfy_server import ComfyServer, execution_error, load_workflow, write_tiny_models
 
 # A1111's own parser for the last line (modules/infotext_utils.py re_param): key, then a quoted or plain value.
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

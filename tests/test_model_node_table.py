@@ -8,14 +8,11 @@ are reported as such without running."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from conftest import REPO, comfyui_tree
-
-sys.path.insert(0, str(REPO / "scripts"))
-import model_node_table as survey  # noqa: E402
+from zimage_dev.runtime import comfyui_tree
+from scripts import model_node_table as survey
 
 VERSION = "0.30.0"
 EXPECTED = {

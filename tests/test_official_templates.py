@@ -16,7 +16,6 @@ negative prompt, QwenImageDiffsynthControlnet, Canny) runs as the template has i
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,11 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, RUNTIME, comfyui_tree
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
-from model_node_table import CONTROL, WIDE, fixture_files, link  # noqa: E402
+from zimage_dev import RUNTIME
+from zimage_dev.runtime import comfyui_tree
+from zimage_dev.browser import chromium
+from zimage_dev.comfy_server import ComfyServer, write_tiny_models
+from zimage_dev.wide_files import CONTROL, WIDE, fixture_files, link
 
 TEMPLATES = {"image_z_image_turbo": "turbo", "image_z_image": "base",
              "image_z_image_turbo_fun_union_controlnet": "controlnet"}
@@ -58,7 +57,8 @@ def template_inputs(ui: dict) -> list[str]:
 
 def write_full_size_vae(path: Path) -> None:
     """Random weights for the released Flux AE (core's VAELoader builds it at that size only)."""
-    from zimage_core import synthetic, vae
+    from zimage_core import vae
+    from zimage_dev import synthetic
     synthetic.write_random_file(path, vae.expected_shapes(vae.FLUX_AE), seed=5)
 
 
@@ -94,31 +94,23 @@ def server(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts(server) -> dict:
     """Each template's prompt as the frontend posts it (graphToPrompt), in Chromium."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip(f"no Chromium at {chromium}: run scripts/setup_browser.sh (Debian's chromium)")
     if not server.frontend_ok:
         pytest.skip(f"no frontend for ComfyUI {server.version} at {FRONTENDS[server.version]}: run "
                     f"scripts/setup_runtime.sh")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     status, _ = server.post("/settings/Comfy.TutorialCompleted", True)
     assert status == 200
     out = {}
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(server.url)
-            page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.LiteGraph "
-                                   "&& window.comfyAPI.app.app.graph.nodes.length", timeout=120_000)
-            for name in TEMPLATES:
-                out[name] = page.evaluate("""async (ui) => {
-                    const app = window.comfyAPI.app.app;
-                    await app.loadGraphData(ui);
-                    return (await app.graphToPrompt()).output;
-                }""", template(name))
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(server.url)
+        page.wait_for_function("() => window.comfyAPI?.app?.app?.graph && window.LiteGraph "
+                               "&& window.comfyAPI.app.app.graph.nodes.length", timeout=120_000)
+        for name in TEMPLATES:
+            out[name] = page.evaluate("""async (ui) => {
+                const app = window.comfyAPI.app.app;
+                await app.loadGraphData(ui);
+                return (await app.graphToPrompt()).output;
+            }""", template(name))
     return out
 
 

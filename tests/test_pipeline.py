@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rel_err, tokenizer_dir, write_diffusers_folder
+from zimage_dev.parity import rel_err
+from zimage_dev.runtime import tokenizer_dir
+from zimage_dev.diffusers_files import write_diffusers_folder
 from zimage_core.pipeline import ZImagePipeline, check_size, load_zimage
 
 TOL = 1e-4

@@ -1,7 +1,7 @@
 """Quantized files (int8 ConvRot, fp8_mixed, NVFP4, MXFP8) in the pack's loaders, against core ComfyUI 0.30.0's
 own loading of the same file, in-process (the server tests at the released width: test_quantized_server.py).
 
-The files are written by core's own quantizer (tests/quantized_files.py), per layer (`.comfy_quant`) and in the
+The files are written by core's own quantizer (zimage_dev/quantized_files.py), per layer (`.comfy_quant`) and in the
 header form. The reference is core's model built as core's UNETLoader builds one (convert_old_quants, then
 detect_layer_quantization and mixed-precision operations), at the test's sizes: the pack must compute exactly
 what it computes. Every dtype safetensors can store is written into a block weight: the pack computes the right
@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import quantized_files as qf
-from conftest import import_pack, rel_err
-from zimage_core import synthetic
+from zimage_dev import quantized_files as qf
+from zimage_dev.runtime import import_pack
+from zimage_dev.parity import rel_err
+from zimage_dev import synthetic
 
 CFG = qf.QUANTIZABLE
 FORMATS = ("int8_tensorwise", "float8_e4m3fn", "nvfp4", "mxfp8", "convrot_w4a4")

@@ -9,7 +9,6 @@ computes the format, the saved PNGs of the two loaders agree within 1/255; where
 the file by name, through /prompt, and the server keeps serving."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -17,12 +16,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import quantized_files as qf
-from conftest import REPO, comfyui_tree, import_comfy
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, execution_error, write_tiny_models  # noqa: E402
-from model_node_table import WIDE, fixture_files, link  # noqa: E402
+from zimage_dev import quantized_files as qf
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree, import_comfy
+from zimage_dev.comfy_server import ComfyServer, execution_error, write_tiny_models
+from zimage_dev.wide_files import WIDE, fixture_files, link
 
 SIZE, STEPS, SEED = 64, 2, 31
 CACHE = REPO / ".runtime" / "cache" / "quantized"

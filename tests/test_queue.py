@@ -15,24 +15,23 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, comfyui_tree
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
-from redis_server import RedisServer, make_certificates, redis_available  # noqa: E402
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree
+from zimage_dev.comfy_server import ComfyServer, write_tiny_models
+from zimage_dev.redis_server import RedisServer, make_certificates, redis_available
 
 celery = pytest.importorskip("celery", reason="the queue needs Celery: pip install -e '.[queue]'")
 redis = pytest.importorskip("redis", reason="the queue needs redis-py: pip install -e '.[queue]'")
 if redis_available():
     pytest.skip(redis_available(), allow_module_level=True)
 
+# these import celery and redis: after the skips above
 from zimage_queue.acl import acl_file  # noqa: E402
 from zimage_queue.app import SWEEP_LOCK_EXPIRE, make_app  # noqa: E402
 from zimage_queue.broker import load_broker  # noqa: E402

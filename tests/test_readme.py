@@ -7,16 +7,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree, tokenizer_dir
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree, tokenizer_dir
+from zimage_dev.comfy_server import ComfyServer, write_tiny_models
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 PYTHON = str(REPO / ".runtime" / "venv" / "bin" / "python")
@@ -58,10 +56,10 @@ COVERED = {
     "bash scripts/test.sh": "test_the_test_command_is_what_ci_runs",
     "zimage-batch --server": "test_batch_commands",
     "zimage-batch --jobs": "test_batch_commands",
-    "bench/cpu_dit.py": "test_benchmark_commands",
-    "bench/gpu.py": "test_benchmark_commands",
-    "bench/memory_estimate.py": "test_benchmark_commands",
-    "scripts/soak.py": "test_soak_command",
+    "-m bench.cpu_dit": "test_benchmark_commands",
+    "-m bench.gpu": "test_benchmark_commands",
+    "-m bench.memory_estimate": "test_benchmark_commands",
+    "-m scripts.soak": "test_soak_command",
 }
 
 
@@ -159,29 +157,29 @@ def test_batch_extra_lists_the_clients_libraries():
 
 def test_benchmark_commands(tmp_path):
     env = {"ZIMAGE_BENCH_RESULTS": str(tmp_path)}
-    cpu = run(command("bench/cpu_dit.py") + " --sizes 64 --runs 1 --dtype fp32", timeout=600, env=env)
+    cpu = run(command("-m bench.cpu_dit") + " --sizes 64 --runs 1 --dtype fp32", timeout=600, env=env)
     assert "pack (fast path)" in cpu.stdout and "pack/core" in cpu.stdout
-    gpu = command("bench/gpu.py")
+    gpu = command("-m bench.gpu")
     import torch
     if not torch.cuda.is_available():                                # as written it needs CUDA: says so, stops
         assert "needs a CUDA device" in run(gpu, timeout=120, env=env).stdout
     smoke = run(gpu + " --smoke --no-core --variants pack --sizes 64 --batches 1 --runs 1", timeout=600, env=env)
     assert "memory policies" in smoke.stdout
-    estimate = run(command("bench/memory_estimate.py"), timeout=600, env=env)
+    estimate = run(command("-m bench.memory_estimate"), timeout=600, env=env)
     assert "swap + fp8" in estimate.stdout and "predicted device memory" in estimate.stdout
     assert len(list(tmp_path.glob("*.json"))) >= 3
 
 
 def test_soak_command():
     started = time.monotonic()
-    out = run(command("scripts/soak.py") + " --prompts 8 --clients 4 --sequential 4", timeout=900)
+    out = run(command("-m scripts.soak") + " --prompts 8 --clients 4 --sequential 4", timeout=900)
     assert "lost" in out.stdout
     print(out.stdout[-1500:], f"({time.monotonic() - started:.0f} s)")
 
 
 def test_engine_snippet(tmp_path):
     """The README's engine example on tiny split files, on the CPU."""
-    from zimage_core import synthetic
+    from zimage_dev import synthetic
     snippet = next(b for b in blocks("python") if "load_zimage" in b)
     files = synthetic.write_split_files(tmp_path / "models")
     code = (snippet.replace('"models/diffusion_models/z_image_turbo_bf16.safetensors"', repr(str(files.dit)))

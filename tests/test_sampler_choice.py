@@ -7,16 +7,13 @@ Base preset's CFG options with a sampler that evaluates the model twice a step. 
 1/255. A sampler whose own two runs differ is not deterministic for a seed: it is named and left out."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, write_tiny_models  # noqa: E402
+from zimage_dev.runtime import comfyui_tree
+from zimage_dev.comfy_server import ComfyServer, write_tiny_models
 
 SIZE, SEED = 64, 4242
 PROMPT, NEGATIVE = "a ceramic vase on a wooden table", "blurry, low quality"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import import_comfy
+from zimage_dev.runtime import import_comfy
 from zimage_core.sampling import initial_noise, sample, sigma_schedule
 
 EIGHT_STEPS = [1.0, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0.0]

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import free_port  # noqa: E402
-from redis_server import REDIS_SERVER, make_certificates, redis_available  # noqa: E402
+from zimage_dev import REPO
+from zimage_dev.comfy_server import free_port
+from zimage_dev.redis_server import REDIS_SERVER, make_certificates, redis_available
 
 DOC = (REPO / "docs" / "scale_out.md").read_text(encoding="utf-8")
 

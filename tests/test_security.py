@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import REPO
+from zimage_dev import REPO
 
 SHIPPED = sorted(p for p in REPO.glob("*.py")) + sorted(REPO.glob("zimage_core/*.py")) + sorted(REPO.glob("nodes/*.py"))
 

@@ -1,18 +1,17 @@
 """The pack inside a real ComfyUI server (0.30.0 and 0.3.75), driven over HTTP as a user's client would."""
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, comfyui_tree, import_pack, write_diffusers_folder
-
-sys.path.insert(0, str(REPO / "scripts"))
-from comfy_server import ComfyServer, load_workflow, write_tiny_models  # noqa: E402
-from ui_workflows import to_api  # noqa: E402
+from zimage_dev import REPO
+from zimage_dev.runtime import comfyui_tree, import_pack
+from zimage_dev.diffusers_files import SAME_AS_DIFFUSERS, write_diffusers_folder, write_split_from_diffusers
+from zimage_dev.comfy_server import ComfyServer, load_workflow, write_tiny_models
+from scripts.ui_workflows import to_api
 
 PACK_NODES = ["ZImageTurboLoader", "ZImageTurboCheckpointLoader", "ZImageTurboDiffusersLoader",
               "ZImageTurboSampler", "ZImageTurboVAEDecode", "ZImageTurboVAEEncode", "ZImageTurboSize",
@@ -51,25 +50,6 @@ def server(request, tmp_path_factory):
         yield srv
 
 
-SAME_AS_DIFFUSERS = "zt_from_diffusers"
-
-
-def write_split_from_diffusers(folder, models):
-    """The diffusers folder's weights in ComfyUI's layouts (split files and an all-in-one checkpoint), so every
-    loader reads the same model the diffusers reference runs."""
-    from safetensors.torch import save_file
-    from zimage_core import synthetic
-    from zimage_core.loading import prepare_dit, prepare_text_encoder, prepare_vae
-    parts = []
-    for prepare in (prepare_dit, prepare_text_encoder, prepare_vae):
-        meta, _, read = prepare(folder)
-        parts.append({k: read(k).contiguous() for k in meta.state_dict()})
-    for sub, sd in zip(("diffusion_models", "text_encoders", "vae"), parts):
-        (models / sub).mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(models / sub / f"{SAME_AS_DIFFUSERS}.safetensors"))
-    synthetic.write_all_in_one(models / "checkpoints" / f"{SAME_AS_DIFFUSERS}.safetensors", *parts)
-
-
 def write_lora(path):
     """A ComfyUI-native LoRA on the fused qkv of the first main block (our key names)."""
     import torch
@@ -92,7 +72,7 @@ def write_overflowing_vae(path):
     """A VAE whose decoder output is infinite: what an fp16 overflow looks like by the time it is decoded."""
     import torch
     from safetensors.torch import save_file
-    from zimage_core import synthetic
+    from zimage_dev import synthetic
     sd = synthetic.vae_weights()
     sd["decoder.conv_out.bias"] = torch.full_like(sd["decoder.conv_out.bias"], float("inf"))
     save_file(sd, str(path))

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RUNTIME = REPO / ".runtime"
+from zimage_dev import REPO, RUNTIME
 
 
 def comfyui_tree(version: str = "0.30.0") -> Path:
@@ -27,6 +26,8 @@ def import_comfy(version: str = "0.30.0", cpu: bool | None = None) -> str:
     """Make core ComfyUI's `comfy` package importable, its device chosen as on the command line: `--cpu` when
     `cpu` (default: when CUDA is absent). Returns the name of the attention function ComfyUI picked."""
     tree = comfyui_tree(version)
+    # ComfyUI is an application, not a package: its `comfy` imports resolve only with its tree on the path.
+    # This is the harness's one path edit, made here for every caller.
     if str(tree) not in sys.path:
         sys.path.insert(0, str(tree))
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from comfy_server import free_port
+from zimage_dev.comfy_server import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import keys as K
-from .config import TINY, TURBO, DiTConfig
-from .dit import ZImageDiT
-from .text_encoder import QWEN3_4B, Qwen3Config, Qwen3Encoder
-from .vae import AutoEncoder, VAEConfig
+from zimage_core import keys as K
+from zimage_core.config import TINY, TURBO, DiTConfig
+from zimage_core.dit import ZImageDiT
+from zimage_core.text_encoder import QWEN3_4B, Qwen3Config, Qwen3Encoder
+from zimage_core.vae import AutoEncoder, VAEConfig
 
 # Tiny parts that fit together: the DiT's caption width is the text encoder's hidden size; the VAE
 # downsamples by 8 like the Flux AE; the vocabulary is Qwen's, so the real tokenizer's ids are valid.

@@ -1,5 +1,5 @@
 """diffusers 0.42.1's Z-Image ControlNet pipelines on the files a ComfyUI server reads, for
-tests/test_controlnet_diffusers.py. Run as a script in its own process: the wide DiT and the used part of a Fun
+tests/test_controlnet_diffusers.py. Run as a module in its own process: the wide DiT and the used part of a Fun
 ControlNet are ~4 GB in bf16, and the process ends (freeing them) before the server starts.
 
 Precision: ComfyUI on the CPU keeps these bf16 weights and computes in fp32 (manual cast). Here the big Linear
@@ -13,7 +13,7 @@ as it is plus the control refiner's hints on the DiT's own noise refiner (`dit_g
 (`core_tokens`): diffusers with the control stream cut to what ComfyUI's ZImageControlPatch computes on (see
 `use_core_token_set`), to tell the difference of token sets from anything else.
 
-Usage: python tests/controlnet_reference.py JOB.json  (JOB lists the files and the cases; torch.save of the
+Usage: python -m zimage_dev.controlnet_reference JOB.json  (JOB lists the files and the cases; torch.save of the
 results goes to JOB["out"]).
 """
 from __future__ import annotations
@@ -61,9 +61,9 @@ def core_to_release(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def release_weights(layout: str, seed: int) -> dict[str, torch.Tensor]:
     """Random bf16 weights with the released file's names and shapes for `layout` (std 0.02, norm weights around
-    1, as tests/test_core_nodes.py's Union 1.0 fixture)."""
+    1, as zimage_dev/wide_files.py's Union 1.0 fixture)."""
     from diffusers import ZImageControlNetModel
-    from conftest import released_like
+    from zimage_dev.parity import released_like
     with torch.device("meta"):
         model = ZImageControlNetModel(**LAYOUTS[layout])
     return released_like(model, seed)

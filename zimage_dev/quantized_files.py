@@ -96,5 +96,5 @@ def wide_quantized(source: Path, folder: Path) -> Path:
             save_file(qsd, str(partial), metadata=metadata)
             partial.replace(folder / name)
             del qsd
-        done.write_text("written by tests/quantized_files.py wide_quantized\n")
+        done.write_text("written by zimage_dev/quantized_files.py wide_quantized\n")
     return folder

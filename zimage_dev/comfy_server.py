@@ -15,8 +15,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RUNTIME = REPO / ".runtime"
+from zimage_dev import REPO, RUNTIME
+
 PACK_NAME = "comfyui_zimage_turbo"
 
 
@@ -153,7 +153,7 @@ def execution_error(entry: dict) -> str:
 
 def write_tiny_models(models: Path) -> None:
     """Tiny random weights in the released layouts, where ComfyUI looks for them."""
-    from zimage_core import synthetic
+    from zimage_dev import synthetic
     synthetic.write_split_files(models)
     synthetic.write_all_in_one(models / "checkpoints" / "z-image-turbo.safetensors", synthetic.dit_weights(),
                                synthetic.text_encoder_weights(), synthetic.vae_weights())
