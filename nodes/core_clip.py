@@ -1,30 +1,26 @@
 """The CLIP the loaders return: core ComfyUI's own Z-Image text encoder (Qwen3-4B, clip type lumina2) and
 tokenizer, sized from the file's shapes, holding the weights the pack's strict loader found and checked.
 
-Core sizes its Qwen3 through `model_options["qwen3_4b_model_config"]`; only the head width is a class attribute
-there, so a file whose heads are not 128 wide (the pack's tiny test files) gets core's Llama stack through
-`model_options["qwen3_4b_class"]`, a subclass that sets it. The released qwen_3_4b file runs core's class as is.
+Core sizes its Qwen3 through `model_options["qwen3_4b_model_config"]`; the released qwen_3_4b file runs core's
+class as is (heads of another width: nonrelease_sizes).
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import comfy.sd
 import comfy.supported_models_base
-import comfy.text_encoders.llama as llama
 import comfy.text_encoders.z_image as z_image
 import torch
 
 from ..zimage_core.errors import CheckpointMismatch
 from ..zimage_core.loading import prepare_text_encoder
 from ..zimage_core.text_encoder import Qwen3Config
-from . import quantized
+from . import nonrelease_sizes, quantized
 
 # Prompts are kept whole, as ComfyUI keeps them (diffusers cuts at 512 tokens). The cap only keeps one pasted
 # book from taking the server's memory: the text encoder's attention grows with the square of the length.
 MAX_PROMPT_TOKENS = 4096
-CORE_HEAD_DIM = 128
 
 
 # Qwen's chat-template markers (<|im_end|>, <|endoftext|> ...) typed in a prompt stay plain text: a catalogue row
@@ -49,39 +45,12 @@ class ZImageTokenizer(z_image.ZImageTokenizer):
         return tokens
 
 
-@dataclasses.dataclass
-class _SizedConfig(llama.Qwen3_4BConfig):
-    head_dim: int = CORE_HEAD_DIM          # a field here, so the file's width can be given
-
-
-class _SizedQwen3(llama.Qwen3_4B):
-    """core's Qwen3_4B with the head width from the file (its constructor, with the sized config)."""
-
-    def __init__(self, config_dict, dtype, device, operations):
-        torch.nn.Module.__init__(self)
-        config = _SizedConfig(**config_dict)
-        self.num_layers = config.num_hidden_layers
-        self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
-        self.dtype = dtype
-
-
-class _SizedQwen3Model(z_image.Qwen3_4BModel):
-    def __init__(self, device="cpu", layer="hidden", layer_idx=-2, dtype=None, attention_mask=True, model_options={}):
-        comfy.sd1_clip.SDClipModel.__init__(
-            self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
-            special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=_SizedQwen3,
-            enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
-            model_options=model_options)
-
-
 def model_options(cfg: Qwen3Config, dtype: torch.dtype) -> dict:
     sizes = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.ffn_hidden,
                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                  rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps)
     options = {"dtype": dtype, "qwen3_4b_model_config": sizes}
-    if cfg.head_dim != CORE_HEAD_DIM:
-        sizes["head_dim"] = cfg.head_dim
-        options["qwen3_4b_class"] = _SizedQwen3Model
+    nonrelease_sizes.size_text_encoder(cfg, options)
     return options
 
 

@@ -17,14 +17,13 @@ from pathlib import Path
 import comfy.model_management as mm
 import comfy.supported_models
 import torch
-from comfy.ldm.modules.diffusionmodules.mmdit import TimestepEmbedder
 
 from ..zimage_core.config import DiTConfig
 from ..zimage_core.errors import CheckpointMismatch
 from ..zimage_core.loading import FP8_DTYPES, prepare_dit
 from ..zimage_core.precision import FP8_NAME, choose_dtypes
 from ..zimage_core.quant import BLOCKS, FP8, block_linears
-from . import comfy_compat, pack_ops, quantized
+from . import comfy_compat, nonrelease_sizes, pack_ops, quantized
 
 log = logging.getLogger("ZImageTurbo")
 
@@ -154,7 +153,7 @@ def load_quantized_model(source, weight_dtype: str, disable_dynamic: bool, meta_
     quantized.configure_model(mc, report.quantization)
     mc.set_inference_dtype(compute, mm.unet_manual_cast(None, mm.get_torch_device(), mc.supported_inference_dtypes))
     model = mc.get_model({}, "")             # core's own operations pick mixed precision from the config
-    _size_timestep_embedder(model.diffusion_model, report.config, compute, None, device=None)
+    nonrelease_sizes.size_timestep_embedder(model.diffusion_model, report.config, compute, None, device=None)
     patcher = _patcher(model, disable_dynamic)
     keys = [k for k in meta_dit.state_dict()] + [k for k in read.stored_keys if report.quantization.format_of(k)]
     sd = quantized.stored_tensors(report.quantization, keys, read.stored_many)
@@ -185,7 +184,7 @@ def build_core_model(cfg: DiTConfig, precision: Precision):
                                mm.unet_manual_cast(precision.compute, load_device, mc.supported_inference_dtypes))
     model = mc.get_model({}, "", device=torch.device("meta"))
     comfy_compat.forget_build_device(model)  # built on meta, which is not a device to use
-    _size_timestep_embedder(model.diffusion_model, cfg, precision.compute, mc.custom_operations)
+    nonrelease_sizes.size_timestep_embedder(model.diffusion_model, cfg, precision.compute, mc.custom_operations)
     return model
 
 
@@ -205,19 +204,6 @@ def expected_tensors(module: torch.nn.Module) -> dict[str, tuple]:
             if comfy_compat.lazy_bias(m):
                 shapes[f"{name}.bias"] = (m.out_features,)
     return shapes
-
-
-def _size_timestep_embedder(dit: torch.nn.Module, cfg: DiTConfig, dtype: torch.dtype, ops,
-                            device=torch.device("meta")) -> None:
-    """Core builds the timestep MLP as (256 -> min(dim, 1024) -> 256); the released file matches, diffusers-style
-    files (hidden 1024, out min(dim, 256)) do not below dim 1024: core's own class, at the file's sizes."""
-    mlp = dit.t_embedder.mlp
-    if (mlp[0].in_features, mlp[0].out_features, mlp[2].out_features) == (cfg.t_freq_dim, cfg.t_embed_hidden,
-                                                                         cfg.adaln_dim):
-        return
-    ops = ops or comfy_compat.ops_family(mlp[0])
-    dit.t_embedder = TimestepEmbedder(cfg.t_embed_hidden, frequency_embedding_size=cfg.t_freq_dim,
-                                      output_size=cfg.adaln_dim, dtype=dtype, device=device, operations=ops)
 
 
 def _check_against_core(wanted: dict, sd: dict, name: str) -> None:

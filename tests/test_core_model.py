@@ -9,8 +9,9 @@ import logging
 import pytest
 import torch
 
-from conftest import import_pack, rel_err
-from zimage_core import synthetic
+from zimage_dev.runtime import import_pack
+from zimage_dev.parity import rel_err
+from zimage_dev import synthetic
 from zimage_core.fastpath import PLAIN
 from zimage_core.loading import load_dit, load_text_encoder, load_vae
 from zimage_core.vae import VAEConfig
@@ -48,10 +49,34 @@ def test_the_loaders_return_core_classes(parts):
     assert isinstance(vae, comfy.sd.VAE) and vae.latent_channels == 16
     foreign = {type(m).__qualname__ for part in (model.model, clip.cond_stage_model, vae.first_stage_model)
                for m in part.modules() if not type(m).__module__.startswith(("comfy.", "torch."))}
-    # the tiny text encoder's heads are not 128 wide: core's Qwen3 classes, sized (core_clip); nothing else
+    # the tiny text encoder's heads are not 128 wide: core's Qwen3 classes, sized (nonrelease_sizes); nothing else
     assert foreign <= {"_SizedQwen3", "_SizedQwen3Model"}, f"modules not ComfyUI's or torch's: {foreign}"
+    sizes = import_pack("nodes.nonrelease_sizes")
+    assert issubclass(sizes._SizedQwen3, comfy.text_encoders.llama.Qwen3_4B)
+
+
+def test_the_released_sizes_take_core_s_classes_as_they_are():
+    """nonrelease_sizes changes nothing at the released sizes: Qwen3-4B keeps core's class and head width, the
+    Flux AE goes to core's detection alone, core's timestep MLP is kept (built on the meta device: no memory)."""
+    import comfy.supported_models
+    from zimage_core.config import TURBO
+    from zimage_core.text_encoder import QWEN3_4B
+    from zimage_core.vae import FLUX_AE
+    sizes = import_pack("nodes.nonrelease_sizes")
     core_clip = import_pack("nodes.core_clip")
-    assert issubclass(core_clip._SizedQwen3, comfy.text_encoders.llama.Qwen3_4B)
+    core_model = import_pack("nodes.core_model")
+    options = core_clip.model_options(QWEN3_4B, torch.bfloat16)
+    assert "qwen3_4b_class" not in options and "head_dim" not in options["qwen3_4b_model_config"]
+    sd = {"decoder.conv_in.weight": torch.zeros(1)}
+    assert sizes.vae_arguments(FLUX_AE, sd) == {"sd": sd}
+    model = comfy.supported_models.ZImage(core_model.unet_config(TURBO)).get_model({}, "", device=torch.device("meta"))
+    embedder = model.diffusion_model.t_embedder
+    sizes.size_timestep_embedder(model.diffusion_model, TURBO, torch.bfloat16, None)
+    assert model.diffusion_model.t_embedder is embedder
+    # and the small files do take them (the branches this test keeps honest are live)
+    from zimage_dev.synthetic import TINY_TEXT, TINY_VAE
+    assert core_clip.model_options(TINY_TEXT, torch.float32)["qwen3_4b_class"] is sizes._SizedQwen3Model
+    assert "config" in sizes.vae_arguments(TINY_VAE, sd)
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -360,8 +385,8 @@ def test_a_failing_compile_is_logged_once_and_runs_eager(parts, monkeypatch, cap
 # ---- ComfyUI's GPU memory modes, simulated on the CPU ------------------------------------------------------------
 
 def core_control(cfg):
-    """core's own NextDiT for the same config (scripts/comfy_tree.py), as core's loader builds it."""
-    from comfy_tree import comfy_nextdit
+    """core's own NextDiT for the same config (zimage_dev/comfy_tree.py), as core's loader builds it."""
+    from zimage_dev.comfy_tree import comfy_nextdit
     return comfy_nextdit(cfg)
 
 
@@ -528,7 +553,7 @@ def core_scaled_fp8_model(path):
     config.set_inference_dtype(torch.float32, mm.unet_manual_cast(None, torch.device("cpu"),
                                                                    config.supported_inference_dtypes))
     model = config.get_model(sd, "")
-    core_model._size_timestep_embedder(model.diffusion_model, synthetic.TINY, torch.float32, None)
+    import_pack("nodes.nonrelease_sizes").size_timestep_embedder(model.diffusion_model, synthetic.TINY, torch.float32, None)
     model.load_model_weights(sd, "", assign=True)
     return model
 
