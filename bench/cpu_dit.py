@@ -4,10 +4,9 @@ in one process. Runs are interleaved (one call of each model per round) so machi
 Prints a table of medians and writes JSON to bench/results/.
 
     .runtime/venv/bin/python -m bench.cpu_dit [--sizes 256 512] [--runs 5] [--threads N] [--dtype fp32 bf16]
-                                              [--compile] [--profile]
+                                              [--profile]
 
-The pack runs twice: with its fast path (fastpath.FAST, what its loaders give) and with the plain path;
-`--compile` adds a third, the fast path with torch.compile per block (compiled in an untimed first call).
+The pack runs twice: with its fast path (fastpath.FAST) and with the plain path.
 With several dtypes, each dtype is a separate table: all implementations run in that dtype (bf16 uses the
 CPU's AMX/AVX512-BF16 units where it has them).
 
@@ -26,7 +25,7 @@ from bench.common import (dit_flops, dit_token_counts, fmt_ms, import_comfy, mat
 from zimage_dev.comfy_tree import comfy_nextdit
 from zimage_core.config import DiTConfig
 from zimage_core.dit import ZImageDiT
-from zimage_core.fastpath import FAST, PLAIN, FastPath, configure
+from zimage_core.fastpath import FAST, PLAIN, configure
 from zimage_core.keys import dit_from_diffusers
 
 # Reduced but proportioned like Turbo: head_dim 128 and RoPE (32, 48, 48), ffn int(dim / 3 * 8), adaLN 256, the
@@ -35,7 +34,7 @@ from zimage_core.keys import dit_from_diffusers
 REDUCED = DiTConfig(dim=1024, n_layers=4, n_noise_refiner=1, n_context_refiner=1, n_heads=8, ffn_hidden=2730,
                     cap_feat_dim=2560, adaln_dim=256, t_embed_hidden=1024)
 CAPTION_TOKENS = 77
-PACK, PACK_PLAIN, PACK_COMPILED = "pack (fast path)", "pack (plain path)", "pack (fast, compiled)"
+PACK, PACK_PLAIN = "pack (fast path)", "pack (plain path)"
 CORE, CORE_SDPA, DIFFUSERS = "ComfyUI core NextDiT", "ComfyUI core, torch SDPA", "diffusers"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -99,7 +98,6 @@ def bench_dtype(cfg: DiTConfig, dtype: torch.dtype, args, peak: dict) -> tuple[l
     for model in (ours, core, ref):
         model.to(dtype)
     plain = configure(twin(ours), PLAIN)
-    compiled = configure(twin(ours), FastPath(compile=True)) if args.compile else None
     configure(ours, FAST)
     results, rows = [], []
     for size in args.sizes:
@@ -120,8 +118,6 @@ def bench_dtype(cfg: DiTConfig, dtype: torch.dtype, args, peak: dict) -> tuple[l
         calls = {PACK: lambda: ours(x, t, [cap[0]]), PACK_PLAIN: lambda: plain(x, t, [cap[0]]),
                  CORE: comfy(False), CORE_SDPA: comfy(True),
                  DIFFUSERS: lambda: ref([x[0].unsqueeze(1)], t, [cap[0]], return_dict=False)}
-        if compiled is not None:                   # the first call (outputs, below) compiles, untimed
-            calls[PACK_COMPILED] = lambda: compiled(x, t, [cap[0]])
         times = {name: [] for name in calls}
         with torch.inference_mode():
             outputs = {name: fn() for name, fn in calls.items()}
@@ -133,11 +129,10 @@ def bench_dtype(cfg: DiTConfig, dtype: torch.dtype, args, peak: dict) -> tuple[l
                     times[name].append(time_once(fn, "cpu")[0])
         use_comfy_sdpa(False)
         u = outputs[PACK].float()
-        agree = {name: (u - outputs[name].float()).abs().max().item() for name in (PACK_PLAIN, PACK_COMPILED)
-                 if name in outputs}
-        agree |= {CORE: (u + outputs[CORE].float()).abs().max().item(),
-                  CORE_SDPA: (u + outputs[CORE_SDPA].float()).abs().max().item(),
-                  DIFFUSERS: (u - torch.stack(outputs[DIFFUSERS][0]).squeeze(2).float()).abs().max().item()}
+        agree = {PACK_PLAIN: (u - outputs[PACK_PLAIN].float()).abs().max().item(),
+                 CORE: (u + outputs[CORE].float()).abs().max().item(),
+                 CORE_SDPA: (u + outputs[CORE_SDPA].float()).abs().max().item(),
+                 DIFFUSERS: (u - torch.stack(outputs[DIFFUSERS][0]).squeeze(2).float()).abs().max().item()}
         stats = {name: summary(ts) for name, ts in times.items()}
         pack_s = stats[PACK]["median"]
         name_of = str(dtype).replace("torch.", "")
@@ -159,7 +154,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--compile", action="store_true", help="also time the pack with torch.compile per block")
     parser.add_argument("--profile", action="store_true", help="also profile one pack forward at the last size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -187,11 +181,8 @@ def main() -> None:
         for r in results))
     for r in results:
         po = r["pack_over"]
-        compiled = "" if PACK_COMPILED not in r["seconds"] else (
-            f"; compiled pack/core {r['seconds'][PACK_COMPILED]['median'] / r['seconds'][CORE]['median']:.2f}, "
-            f"compiled/diffusers {r['seconds'][PACK_COMPILED]['median'] / r['seconds'][DIFFUSERS]['median']:.2f}")
         print(f"{r['dtype']} {r['size']}²: pack/core {po[CORE]:.2f} (core with SDPA {po[CORE_SDPA]:.2f}), "
-              f"pack/diffusers {po[DIFFUSERS]:.2f}, fast/plain {po[PACK_PLAIN]:.2f}{compiled}")
+              f"pack/diffusers {po[DIFFUSERS]:.2f}, fast/plain {po[PACK_PLAIN]:.2f}")
 
     profile = None
     if args.profile:

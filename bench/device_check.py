@@ -4,7 +4,7 @@ and bench/gpu.py runs with the arguments given (add --smoke on a CPU); a first a
 bench/comfy_nodes.py instead, as bench/device_run.sh does.
 
     ZIMAGE_COMFYUI_TREE=$PWD/.device/ComfyUI-0.30.0 .runtime/venv/bin/python -m bench.device_check --smoke \\
-        --sizes 64 --batches 1 --variants pack pack-plain pack-compile pack-fp8 --memory
+        --sizes 64 --batches 1 --variants pack pack-plain pack-fp8 --memory
 
 The image's package list is the device tool's (KINDS.md, read 2026-11-17); what scripts/device_bundle.sh
 carries is added to it. It prints which imports it blocked."""

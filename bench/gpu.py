@@ -13,7 +13,7 @@ TFLOP/s and its fraction of a bf16 matmul peak measured in the same run, and cor
 
 Pack variants (`--variants`), each a DiT over the same weight tensors (fp8: its own fp8 copy of the blocks):
 `pack` (the fast path, zimage_core.fastpath.FAST, as the loaders configure it), `pack-plain` (fastpath.PLAIN),
-`pack-compile` (FAST + torch.compile per block), `pack-fp8` (block matmuls in fp8, quant.use_fp8_matmul).
+`pack-fp8` (block matmuls in fp8, quant.use_fp8_matmul). torch.compile is the ComfyUI node's (nodes/speed.py).
 Inside ComfyUI the pack's loaders now hand ComfyUI core's own NextDiT (nodes/core_model.py): that is the core
 job below; measuring the nodes end to end through ComfyUI's loaders is the benchmark's next step.
 `--memory` then runs the pack at `--memory-size` under each memory policy (keep / swap / lowvram), and swap and
@@ -39,7 +39,7 @@ from bench.common import (dit_flops, flop_counter, fmt_gib, import_comfy, matmul
 from zimage_dev.comfy_tree import comfy_nextdit
 from zimage_core.config import TURBO, DiTConfig
 from zimage_core.dit import ZImageDiT
-from zimage_core.fastpath import FAST, PLAIN, FastPath, configure
+from zimage_core.fastpath import FAST, PLAIN, configure
 from zimage_core.memory import POLICIES
 from zimage_core.quant import use_fp8_matmul
 from zimage_core.pipeline import ZImageModels, ZImagePipeline
@@ -49,7 +49,7 @@ from zimage_core.vae import FLUX_AE, AutoEncoder, VAEConfig, from_model_space
 
 STAGES = ("text encode", "DiT", "VAE decode", "end to end")
 PACK, CORE = "pack", "core"
-VARIANTS = ("pack", "pack-plain", "pack-compile", "pack-fp8")
+VARIANTS = ("pack", "pack-plain", "pack-fp8")
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,6 @@ def dit_variant(name: str, dit: ZImageDiT) -> ZImageDiT:
     share_weights(twin, dit)
     if name == "pack-plain":
         return configure(twin, PLAIN)
-    if name == "pack-compile":
-        return configure(twin, FastPath(compile=True))
     if name == "pack-fp8":
         converted = use_fp8_matmul(configure(twin, FAST))
         print(f"pack-fp8: {len(converted)} block Linears in fp8 matmul" if converted else
@@ -238,7 +236,7 @@ def main() -> int:
     parser.add_argument("--caption-tokens", type=int, help="prompt length in tokens, template included")
     parser.add_argument("--no-core", action="store_true", help="skip core ComfyUI")
     parser.add_argument("--variants", nargs="+", default=[PACK, "pack-plain", "pack-fp8"], choices=VARIANTS,
-                        help="pack variants to time (pack-compile adds compile time to its warm-up)")
+                        help="pack variants to time")
     parser.add_argument("--memory", action="store_true", help="also run the pack under each memory policy")
     parser.add_argument("--memory-size", type=int, default=None, help="image size of the memory runs (1024)")
     args = parser.parse_args()

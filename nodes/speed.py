@@ -14,13 +14,15 @@ import comfy.patcher_extension
 import comfy.utils
 import torch
 
-from ..zimage_core.dit import COMPILE_ERRORS
 from . import comfy_compat
 from .core_model import BLOCK_LISTS, zimage_dit
 from .loaders import CATEGORY
 
 log = logging.getLogger("ZImageTurbo")
 WRAPPER_KEY = "zimage.compile"
+# What a compiled call raises when compiling, not the model, failed: the backend (no C++ compiler, no Triton),
+# dynamo itself, or its recompile limit under fullgraph (FailOnRecompileLimitHit is no TorchDynamoException).
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
 def _skip_transformer_options(guard_entries):

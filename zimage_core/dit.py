@@ -41,20 +41,16 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: RopeTable, key_mask: Tensor | None) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)   # each (B, L, H, D)
-        q = rope.rotate(self.q_norm(q), self.use_complex_rope())
-        k = rope.rotate(self.k_norm(k), self.use_complex_rope())
+        q = rope.rotate(self.q_norm(q), self.complex_rope)
+        k = rope.rotate(self.k_norm(k), self.complex_rope)
         return self.out(attention(q, k, v, key_mask, self.backend))
-
-    def use_complex_rope(self) -> bool:
-        # inductor generates no code for complex ops: compiled, the real-valued rotation (which it fuses)
-        return self.complex_rope and not torch.compiler.is_compiling()
 
     def forward_fp16(self, x: Tensor, rope: RopeTable, key_mask: Tensor | None) -> Tensor:
         """fp32 in and out, fp16 matmuls on down-scaled inputs (layers.fp16_linear). q and k are normalised;
         v is scaled by a power of two for the fp16 attention kernel and scaled back after it."""
         q, k, v = fp16_linear(self.qkv, x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
-        q = rope.rotate(self.q_norm(q), self.use_complex_rope()).half()
-        k = rope.rotate(self.k_norm(k), self.use_complex_rope()).half()
+        q = rope.rotate(self.q_norm(q), self.complex_rope).half()
+        k = rope.rotate(self.k_norm(k), self.complex_rope).half()
         s = torch.exp2(torch.ceil(torch.log2(v.abs().amax().clamp_min(1.0))))
         out = attention(q, k, (v / s).half(), key_mask, self.backend).float() * s
         return fp16_linear(self.out, out)
@@ -148,29 +144,6 @@ class PromptContext:
                 and all(a is b and _version(a) == v for a, b, v in zip(captions, self.captions, self.versions)))
 
 
-# What a compiled block's call raises when compiling, not the block, failed: the backend (no C++ compiler, no
-# Triton), dynamo itself (a graph break under fullgraph), or dynamo's recompile limit under fullgraph
-# (FailOnRecompileLimitHit is no TorchDynamoException).
-COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
-
-# dynamo's recompile limit (8 by default) counts graphs per code object, and every block of every ZImageDiT in
-# the process runs TransformerBlock.forward: one model makes up to 5 kinds of graph (modulated or not, masked
-# or not, batch 1 or more), a second model in another dtype (fp8 blocks, fp16) as many again. So compiled
-# blocks run under this limit instead of the process-wide one; past it they fail loudly (compile_failed).
-BLOCK_GRAPH_LIMIT = 32
-
-
-def _dynamic_tokens(x: Tensor, rope: RopeTable, mask: Tensor | None = None) -> None:
-    """Mark the token dimension of a block's inputs dynamic before the compiled blocks see them. The token
-    count is the image's (a size) plus, in the main layers, the caption's rounded up to 32: traced as fixed
-    numbers, every prompt-length bucket and every size compiled new graphs (3 to 5 each, at minutes each at
-    full size) until dynamo's recompile limit (8) switched the blocks to eager for good. 'maybe': a count
-    of 1 (or anything dynamo must specialise) stays fixed instead of failing."""
-    for t in (x, rope.cos, rope.sin, mask):
-        if t is not None:
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-
-
 def _version(t: Tensor) -> int | None:
     """The in-place modification counter; inference-mode tensors have none (identity must do)."""
     try:
@@ -186,11 +159,6 @@ class ZImageDiT(nn.Module):
     captions: one (L_i, cap_feat_dim) tensor per sample, valid tokens only, lengths may differ.
     Inside `with model.reuse_context():` the prompt part (PromptContext) is made once and reused by every
     call with the same caption tensors and size, as it is across the steps of one sampling run.
-
-    Compiled blocks (a fast-path option): with `compiled` set, or inside `with model.compiled_blocks():`, the
-    transformer blocks run through torch.compile'd wrappers made on first use. They hold the same modules (no
-    copy, the state dict unchanged) and one graph serves every block of a shape. If compiling fails (no C++
-    compiler, no Triton) the model says so once in the log and runs eager from then on.
     """
 
     def __init__(self, cfg: DiTConfig):
@@ -206,78 +174,21 @@ class ZImageDiT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
         self._contexts: list[PromptContext] | None = None          # set only inside reuse_context()
-        self.compiled = False                                       # fastpath.configure sets it
-        self._compile_scope = False                                 # set inside compiled_blocks()
-        self._compile_failed = False
-        self._compiled: dict[str, list] = {}                        # torch.compile wrappers, made on first use
 
     def forward(self, x: Tensor, t: Tensor, captions: list[Tensor]) -> Tensor:
-        if (self.compiled or self._compile_scope) and not self._compile_failed:
-            try:
-                with torch._dynamo.config.patch(recompile_limit=BLOCK_GRAPH_LIMIT):
-                    return self._forward(x, t, captions, compiled=True)
-            except COMPILE_ERRORS as e:
-                # Nothing was changed: run it again eager. An error that eager raises too is the call's own
-                # (bad inputs), not the compiler's: it propagates from here and compiling stays on.
-                out = self._forward(x, t, captions, compiled=False)
-                self._compile_failed = True
-                reason = getattr(e, "inner_exception", None) or e         # the backend's own error
-                log.warning("Z-Image DiT: torch.compile failed (%s: %s); running without it from now on",
-                            type(reason).__name__, reason)
-                return out
-        return self._forward(x, t, captions, compiled=False)
-
-    @property
-    def compile_failed(self) -> bool:
-        """Whether torch.compile failed on this model (it then runs eager): the backend failed, a block did
-        not trace as one graph, or dynamo reached its recompile limit (where it would otherwise run the block
-        eager without a word, and 'compiled' would be a lie)."""
-        return self._compile_failed
-
-    @contextmanager
-    def compiled_blocks(self, on: bool = True):
-        """Run the blocks compiled inside (when `on`): a per-run choice, as ComfyUI's per-model options need."""
-        outer = self._compile_scope
-        self._compile_scope = on
-        try:
-            yield self
-        finally:
-            self._compile_scope = outer
-
-    def blocks(self, name: str, compiled: bool) -> list[nn.Module]:
-        """The block list `name` (noise_refiner, context_refiner or layers), as modules or as their torch.compile
-        wrappers (made once, kept outside the module tree so that .to(), state_dict() and ComfyUI's patching
-        see only the modules)."""
-        modules = getattr(self, name)
-        if not compiled:
-            return modules
-        if name not in self._compiled:
-            # fullgraph: a block that breaks into pieces, or a recompile past dynamo's limit (which would
-            # otherwise run the block eager, logged only as a dynamo warning), raises instead, and forward()
-            # says so (compile_failed). dynamic=None: shapes marked dynamic (_dynamic_tokens) are traced
-            # symbolically from the first call, and any other size that changes becomes dynamic on its first
-            # recompile (automatic dynamic) instead of costing a graph per value.
-            self._compiled[name] = [torch.compile(block, dynamic=None, fullgraph=True) for block in modules]
-        return self._compiled[name]
-
-    def _forward(self, x: Tensor, t: Tensor, captions: list[Tensor], compiled: bool) -> Tensor:
         B, C, H, W = x.shape
         if len(captions) != B:
             raise ValueError(f"got {len(captions)} captions for a batch of {B} latents")
-        ctx = self.prompt_context(captions, (H, W), compiled)
+        ctx = self.prompt_context(captions, (H, W))
         img, n_img = self.embed_image(x)
         c = self.t_embedder(t * self.cfg.t_scale).to(img.dtype)
         if img.dtype == torch.float16:
             img = img.float()           # an fp16 model keeps its residual stream in fp32 (forward_fp16)
 
-        if compiled:
-            _dynamic_tokens(img, ctx.img_rope)
-        for block in self.blocks("noise_refiner", compiled):
+        for block in self.noise_refiner:
             img = block(img, ctx.img_rope, None, c)
         joint = torch.cat([img, ctx.cap], dim=1)     # [image, caption]: batch padding sits at the caption's end
-        if compiled:
-            _dynamic_tokens(joint, ctx.rope, ctx.mask)
-        for block in self.blocks("layers", compiled):
+        for block in self.layers:
             joint = block(joint, ctx.rope, ctx.mask, c)
 
         out = self.final_layer(joint[:, :n_img], c)                 # (B, N, p*p*C), image tokens only
@@ -294,17 +205,17 @@ class ZImageDiT(nn.Module):
         finally:
             self._contexts = outer
 
-    def prompt_context(self, captions: list[Tensor], size: tuple[int, int], compiled: bool = False) -> PromptContext:
+    def prompt_context(self, captions: list[Tensor], size: tuple[int, int]) -> PromptContext:
         if self._contexts is not None:
             for ctx in self._contexts:
                 if ctx.serves(captions, size):
                     return ctx
-        ctx = self.make_context(captions, size, compiled)
+        ctx = self.make_context(captions, size)
         if self._contexts is not None:
             self._contexts[:] = self._contexts[-1:] + [ctx]         # the last two: cond+uncond runs alternate
         return ctx
 
-    def make_context(self, captions: list[Tensor], size: tuple[int, int], compiled: bool = False) -> PromptContext:
+    def make_context(self, captions: list[Tensor], size: tuple[int, int]) -> PromptContext:
         H, W = size
         p = self.cfg.patch_size
         if H % p or W % p:
@@ -312,9 +223,7 @@ class ZImageDiT(nn.Module):
         cap, cap_rope, cap_mask, cap_lens = self.embed_captions(captions)
         if cap.dtype == torch.float16:
             cap = cap.float()
-        if compiled:
-            _dynamic_tokens(cap, cap_rope, cap_mask)
-        for block in self.blocks("context_refiner", compiled):      # it does not see t: the same every step
+        for block in self.context_refiner:      # it does not see t: the same every step
             cap = block(cap, cap_rope, cap_mask)
         n_img = (H // p) * (W // p)
         n_padded = _round_up(n_img, self.cfg.seq_multiple)

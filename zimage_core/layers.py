@@ -129,18 +129,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, b
     Returns (B, L, H*D).
     """
     B, L, H, D = q.shape
-    # Not under torch.compile: dynamo cannot trace into the FA3 extension, and the compiled blocks are traced
-    # whole (fullgraph); SDPA, which it can, is the compiler's to lower.
-    if backend == "auto" and not torch.compiler.is_compiling() and use_flash3(q, key_mask):
+    if backend == "auto" and use_flash3(q, key_mask):
         import flash_attn_interface
         out = flash_attn_interface.flash_attn_func(q, k, v)          # takes and returns (B, L, H, D)
         out = out[0] if isinstance(out, tuple) else out
         return out.reshape(B, L, H * D)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # (B, H, L, D)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    # Traced by torch.compile, no kernel context: the compiler picks the SDPA kernel itself, and a context
-    # manager with set_priority is not one every dynamo version can trace.
-    order = sdpa_priority(q.device) if backend == "auto" and not torch.compiler.is_compiling() else None
+    order = sdpa_priority(q.device) if backend == "auto" else None
     with kernel_order(order) if order else nullcontext():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(B, L, H * D)

@@ -198,8 +198,6 @@ def stream_dit_blocks(dit: nn.Module, device: torch.device | str) -> BlockStream
     The blocks run in order (noise refiner, context refiner, main layers), so 'the next block' is in that
     order; a block entered out of turn is simply copied on demand."""
     device = torch.device(device)
-    # The streamer's hooks move weights: torch.compile would trace them into its graph. Streamed blocks run eager.
-    dit.compiled = False
     blocks = [*dit.noise_refiner, *dit.context_refiner, *dit.layers]
     block_ids = {id(p) for b in blocks for p in b.parameters()}
     for p in dit.parameters():
