@@ -7,7 +7,7 @@ import comfy.model_management as mm
 import torch
 
 from ..zimage_core.config import FLUX_LATENT
-from ..zimage_core.pipeline import MAX_SIDE, check_size
+from ..zimage_core.config import MAX_SIDE, check_size
 from . import comfy_compat, guard
 from .loaders import CATEGORY
 

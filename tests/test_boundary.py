@@ -87,3 +87,18 @@ def test_the_tests_scripts_and_benchmarks_import_without_cycles():
         if node not in state:
             visit(node, [node])
     assert len(graph) > 40 and graph["test_server"] >= {"zimage_dev.comfy_server"}     # the graph was read
+
+
+def test_the_nodes_use_the_file_format_side_of_zimage_core_not_the_reference_engine():
+    """The nodes build core's model, CLIP and VAE: from zimage_core they take the file reading (checkpoint, keys,
+    formats, loading), the configs and size checks, precision, LoRA keys, the schedule and the one fp16 guard
+    rule; never the engine's models, pipeline, memory policies or fast path."""
+    engine = {"dit", "rope", "pipeline", "memory", "fastpath", "tokenizer"}
+    used = set()
+    for path in python_files(["nodes"]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and (node.module or "").startswith("zimage_core"):
+                parts = node.module.split(".")
+                used.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
+    assert used and not used & engine, sorted(used & engine)
+    assert {"loading", "config", "errors"} <= used                  # the walk found the imports

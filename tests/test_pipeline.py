@@ -8,7 +8,8 @@ import torch
 from zimage_dev.parity import rel_err
 from zimage_dev.runtime import tokenizer_dir
 from zimage_dev.diffusers_files import write_diffusers_folder
-from zimage_core.pipeline import ZImagePipeline, check_size, load_zimage
+from zimage_core.config import check_size
+from zimage_core.pipeline import ZImagePipeline, load_zimage
 
 TOL = 1e-4
 PROMPT = "一位穿着汉服的女孩站在樱花树下,左侧有一只白猫 — a girl in hanfu under a cherry tree"

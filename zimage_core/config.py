@@ -126,3 +126,30 @@ class LatentFormat:
 
 
 FLUX_LATENT = LatentFormat()
+
+
+# ---- image sizes: what every stage accepts (the nodes check them before sampling) ----
+
+PIXELS_PER_TOKEN = FLUX_LATENT.downscale * 2          # VAE /8, then 2x2 patches
+
+
+# Largest side accepted: 4096 px is 65,536 image tokens (16x Turbo's native 1024² and its 4,096 tokens). Attention
+# cost grows with the square of that, so one 4096² image already needs far more memory and time than any card
+# this model targets; larger pictures are better made at <= 2048 and upscaled.
+MAX_SIDE = 4096
+
+
+def check_size(width: int, height: int) -> None:
+    """Each side a multiple of 16 (VAE /8, then 2x2 patches) from 16 to MAX_SIDE; the message says what to use."""
+    m = PIXELS_PER_TOKEN
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0:
+            raise ValueError(f"{name} {v} is too small: it must be a multiple of {m} from {m} to {MAX_SIDE}; "
+                             f"use {m} or more")
+        if v > MAX_SIDE:
+            raise ValueError(f"{name} {v} is above the maximum of {MAX_SIDE} pixels per side (a multiple of {m} "
+                             f"from {m} to {MAX_SIDE}): use {MAX_SIDE} or less and upscale the image afterwards")
+        if v % m:
+            lower, upper = v // m * m, min(MAX_SIDE, (v // m + 1) * m)
+            use = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ValueError(f"{name} {v} is not a multiple of {m}: use {use}")

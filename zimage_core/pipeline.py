@@ -1,4 +1,4 @@
-"""A plain Python Z-Image-Turbo pipeline over the core: prompt(s) -> images. No ComfyUI needed.
+"""A plain Python Z-Image pipeline over the core: prompt(s) -> images. No ComfyUI needed.
 
 Used by the tests, the benchmarks and the demo; the ComfyUI nodes call the same pieces one by one.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import FLUX_LATENT, SAMPLING
+from .config import FLUX_LATENT, SAMPLING, check_size
 from .dit import ZImageDiT
 from .loading import LoadReport, Source, load_dit, load_text_encoder, load_vae
 from .memory import check_policy, decode_tiled, empty_cache, stream_dit_blocks, stream_text_encoder
@@ -19,31 +19,6 @@ from .sampling import StepCallback, initial_noise, sample, sigma_schedule
 from .text_encoder import Qwen3Encoder, encode_prompts
 from .tokenizer import PromptTokenizer
 from .vae import AutoEncoder, from_model_space, to_model_space
-
-PIXELS_PER_TOKEN = FLUX_LATENT.downscale * 2          # VAE /8, then 2x2 patches
-
-
-# Largest side accepted: 4096 px is 65,536 image tokens (16x Turbo's native 1024² and its 4,096 tokens). Attention
-# cost grows with the square of that, so one 4096² image already needs far more memory and time than any card
-# this model targets; larger pictures are better made at <= 2048 and upscaled.
-MAX_SIDE = 4096
-
-
-def check_size(width: int, height: int) -> None:
-    """Each side a multiple of 16 (VAE /8, then 2x2 patches) from 16 to MAX_SIDE; the message says what to use."""
-    m = PIXELS_PER_TOKEN
-    for name, v in (("width", width), ("height", height)):
-        if v <= 0:
-            raise ValueError(f"{name} {v} is too small: it must be a multiple of {m} from {m} to {MAX_SIDE}; "
-                             f"use {m} or more")
-        if v > MAX_SIDE:
-            raise ValueError(f"{name} {v} is above the maximum of {MAX_SIDE} pixels per side (a multiple of {m} "
-                             f"from {m} to {MAX_SIDE}): use {MAX_SIDE} or less and upscale the image afterwards")
-        if v % m:
-            lower, upper = v // m * m, min(MAX_SIDE, (v // m + 1) * m)
-            use = f"{lower} or {upper}" if lower else f"{upper}"
-            raise ValueError(f"{name} {v} is not a multiple of {m}: use {use}")
-
 
 @dataclass
 class ZImageModels:
