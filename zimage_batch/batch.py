@@ -221,17 +221,25 @@ class Batch:
 
     def record(self, job: Job, values: dict, prompt_id: str | None, status: str, error: str | None,
                seconds: float | None = None, files: list[str] | None = None, submissions: int = 0) -> None:
-        line = {"job": job.where, "line": job.line, "prompt_id": prompt_id, "status": status, "error": error,
-                **values, "seconds": seconds, "files": files or [], "submissions": submissions}
-        with open(self.log_path, "a", encoding="utf-8") as log:   # a line per job, written as it ends
-            log.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self.records.append(line)
+        self.records.append(log_job(self.log_path, job, values, prompt_id, status, error, seconds, files,
+                                    submissions))
         self.bar.update(job.count)
         if error:
             self.say(f"{job.where}: FAILED: {error}")
 
     def say(self, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
+
+
+def log_job(log_path: Path, job: Job, values: dict, prompt_id: str | None, status: str, error: str | None,
+            seconds: float | None, files: list[str] | None, submissions: int, extra: dict | None = None) -> dict:
+    """The job's line in the run log (JSON Lines, a line per job, written as it ends, so a stopped run loses
+    nothing and a rerun skips what is done); returns it."""
+    line = {"job": job.where, "line": job.line, "prompt_id": prompt_id, "status": status, "error": error,
+            **values, "seconds": seconds, "files": files or [], "submissions": submissions, **(extra or {})}
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return line
 
 
 def digest(workflow: dict) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zimage_batch.batch import pending_jobs, progress_bar
+from zimage_batch.batch import log_job, pending_jobs, progress_bar
 from zimage_batch.client import Backoff
 from zimage_batch.jobs import Job
 from zimage_batch.workflow import Template
@@ -175,11 +175,8 @@ class QueueBatch:
     def record(self, job: Job, values: dict, prompt_id: str | None, status: str, error: str | None,
                seconds: float | None = None, files: list[str] | None = None, submissions: int = 0,
                extra: dict | None = None) -> None:
-        line = {"job": job.where, "line": job.line, "prompt_id": prompt_id, "status": status, "error": error,
-                **values, "seconds": seconds, "files": files or [], "submissions": submissions, **(extra or {})}
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            log.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self.records.append(line)
+        self.records.append(log_job(self.log_path, job, values, prompt_id, status, error, seconds, files,
+                                    submissions, extra))
         self.bar.update(job.count)
         if error:
             self.say(f"{job.where}: FAILED: {error}")
