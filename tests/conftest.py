@@ -7,6 +7,19 @@ import torch
 from zimage_dev import REPO
 
 
+@pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
+def server(request, tmp_path_factory):
+    """A real ComfyUI of each version with the pack and the tiny models, one per test module; a module that needs
+    other files defines its own `server`."""
+    from zimage_dev.comfy_server import ComfyServer, write_tiny_models
+    from zimage_dev.runtime import comfyui_tree
+    comfyui_tree(request.param)
+    base = tmp_path_factory.mktemp(f"comfy-{request.param}")
+    write_tiny_models(base / "models")
+    with ComfyServer(request.param, base) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory):
     """The tiny model's split files in fp32 (DiT, text encoder, VAE; zimage_dev.synthetic), written once for

@@ -9,20 +9,11 @@ import uuid
 import pytest
 from PIL import Image
 
-from zimage_dev.runtime import comfyui_tree, import_pack
-from zimage_dev.comfy_server import ComfyServer, execution_error, load_workflow, write_tiny_models
+from zimage_dev.runtime import import_pack
+from zimage_dev.comfy_server import ComfyServer, execution_error, load_workflow
 
 # A1111's own parser for the last line (modules/infotext_utils.py re_param): key, then a quoted or plain value.
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-@pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
-def server(request, tmp_path_factory):
-    comfyui_tree(request.param)
-    base = tmp_path_factory.mktemp(f"meta-{request.param}")
-    write_tiny_models(base / "models")
-    with ComfyServer(request.param, base) as srv:
-        yield srv
 
 
 def parse_parameters(text: str) -> tuple[str, str | None, dict]:

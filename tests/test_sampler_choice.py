@@ -7,25 +7,12 @@ Base preset's CFG options with a sampler that evaluates the model twice a step. 
 1/255. A sampler whose own two runs differ is not deterministic for a seed: it is named and left out."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from zimage_dev.runtime import comfyui_tree
-from zimage_dev.comfy_server import ComfyServer, write_tiny_models
-
 SIZE, SEED = 64, 4242
 PROMPT, NEGATIVE = "a ceramic vase on a wooden table", "blurry, low quality"
-
-
-@pytest.fixture(scope="module", params=["0.30.0", "0.3.75"])
-def server(request, tmp_path_factory):
-    comfyui_tree(request.param)
-    base = tmp_path_factory.mktemp(f"samplers-{request.param}")
-    write_tiny_models(base / "models")
-    with ComfyServer(request.param, base) as srv:
-        yield srv
 
 
 def names(server, key: str) -> list[str]:
