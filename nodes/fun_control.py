@@ -152,6 +152,7 @@ class ControlInputs:
 
     def __init__(self, vae, image, inpaint_image, mask, inpaint_channels: bool):
         self.vae, self.image, self.inpaint_image = vae, image, inpaint_image
+        self.scale = vae.spacial_compression_encode()             # pixels per latent cell: 8
         self.keep = None if mask is None else 1.0 - mask.reshape(-1, 1, *mask.shape[-2:]).float()
         self.inpaint_channels = inpaint_channels
         self.cached = None
@@ -160,8 +161,7 @@ class ControlInputs:
             self.cached = self.encode(known.shape[1], known.shape[2])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.vae.spacial_compression_encode() if self.vae is not None else 8
-        height, width = x.shape[-2] * scale, x.shape[-1] * scale
+        height, width = x.shape[-2] * self.scale, x.shape[-1] * self.scale
         if self.cached is None or self.cached.shape[-2:] != x.shape[-2:]:
             if self.image is None and self.inpaint_image is None:
                 self.cached = self.encode(height, width)
@@ -173,7 +173,7 @@ class ControlInputs:
         return self.cached
 
     def encode(self, height: int, width: int) -> torch.Tensor:
-        lh, lw = height // 8, width // 8
+        lh, lw = height // self.scale, width // self.scale
         parts = [self.latent(self.image, height, width)]
         if self.inpaint_channels:
             parts.append(self.mask_channel(lh, lw))
@@ -183,7 +183,7 @@ class ControlInputs:
 
     def latent(self, image, height: int, width: int, keep=None) -> torch.Tensor:
         if image is None:
-            return torch.zeros(1, 16, height // 8, width // 8)
+            return torch.zeros(1, 16, height // self.scale, width // self.scale)
         import comfy.latent_formats
         import comfy.utils
         image = image[..., :3]

@@ -26,14 +26,10 @@ from .comfy_compat import CLIP_TAKES_STATE_DICT, comfyui_version, computable_qua
 from .comfy_compat import PER_LAYER_QUANT as PER_LAYER
 
 
-def computable_formats() -> set[str]:
-    return computable_quant_formats()
-
-
 def check_computable(q: Quantization, file: str, plain_file: str) -> None:
     """Every format the file declares is one this ComfyUI computes, or an error naming it and what to do.
     plain_file: the released full-precision file of the same part, to name as the alternative."""
-    missing = sorted(f for f in q.formats() if f not in computable_formats())
+    missing = sorted(f for f in q.formats() if f not in computable_quant_formats())
     if not missing:
         return
     names = ", ".join(q.label(f) for f in missing)
