@@ -41,12 +41,18 @@ TIERS = {
 }
 
 
+_SOURCES: dict = {}
+
+
 def _source(obj) -> str:
+    """obj's source, read once per object (a parametrized test and a shared fixture recur across many items)."""
     import inspect
-    try:
-        return inspect.getsource(obj)
-    except (OSError, TypeError):
-        return ""
+    if obj not in _SOURCES:
+        try:
+            _SOURCES[obj] = inspect.getsource(obj)
+        except (OSError, TypeError):
+            _SOURCES[obj] = ""
+    return _SOURCES[obj]
 
 
 def _used_sources(item) -> str:
