@@ -1,4 +1,4 @@
-"""ComfyUI entry point of the Z-Image-Turbo pack.
+"""ComfyUI entry point of the Z-Image pack (Turbo and Base).
 
 Inside ComfyUI this registers the nodes (V1 mappings, one registration path only) and serves the canvas
 extension in js/. Outside it (tests, tools) the folder stays importable: the engine in zimage_core/ never

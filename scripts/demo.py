@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as base:
-        print(f"writing tiny Z-Image-Turbo weights and starting ComfyUI {args.comfyui} on 127.0.0.1 ...")
+        print(f"writing tiny Z-Image weights and starting ComfyUI {args.comfyui} on 127.0.0.1 ...")
         write_tiny_models(Path(base) / "models")
         with ComfyServer(args.comfyui, Path(base)) as server:
             start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Configurations of the Z-Image-Turbo parts, their presets, and the sampling defaults.
+"""Configurations of the Z-Image parts (Turbo and Base share them), their presets, and the sampling defaults.
 
 The single source of truth for hyperparameters. Loaders infer a config from tensor shapes
 (`*.from_shapes`), so a tiny test checkpoint builds a tiny model with the same code.

@@ -1,4 +1,4 @@
-"""Qwen3 text encoder (Qwen3-4B for Z-Image-Turbo) returning the caption features the DiT consumes.
+"""Qwen3 text encoder (Qwen3-4B for Z-Image) returning the caption features the DiT consumes.
 
 Module names are the ComfyUI `qwen_3_4b.safetensors` keys, so loading that file is the identity. The config is
 inferred from tensor shapes, so tiny test checkpoints build tiny encoders with the same code.

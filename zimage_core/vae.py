@@ -1,4 +1,4 @@
-"""The FLUX.1 autoencoder ("ae") used by Z-Image-Turbo, in the key layout of ComfyUI/BFL `ae.safetensors`.
+"""The FLUX.1 autoencoder ("ae") used by Z-Image, in the key layout of ComfyUI/BFL `ae.safetensors`.
 
 Module names mirror the LDM checkpoint keys (`encoder.down.0.block.1.conv1.weight`, `decoder.up.3.upsample.conv`,
 `*.mid.attn_1.q` as 1x1 convs, ...), so `state_dict()` is the file's key set and loading needs no renaming.
