@@ -6,8 +6,7 @@ from contextlib import contextmanager
 import comfy.model_management as mm
 import torch
 
-from ..zimage_core.config import FLUX_LATENT
-from ..zimage_core.config import MAX_SIDE, check_size
+from ..zimage_core.config import FLUX_LATENT, MAX_SIDE, check_size
 from . import comfy_compat, guard
 from .loaders import CATEGORY
 

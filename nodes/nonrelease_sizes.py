@@ -18,11 +18,10 @@ from comfy.ldm.modules.diffusionmodules.mmdit import TimestepEmbedder
 
 from ..zimage_core.config import DiTConfig
 from ..zimage_core.text_encoder import Qwen3Config
-from ..zimage_core.vae import VAEConfig
+from ..zimage_core.vae import FLUX_AE, VAEConfig
 from . import comfy_compat
 
 CORE_HEAD_DIM = 128
-RELEASED_VAE = VAEConfig()
 
 
 # ---- text encoder: core sizes its Qwen3 from model_options, all but the head width (a class attribute)
@@ -77,8 +76,7 @@ def vae_arguments(cfg: VAEConfig, sd: dict) -> dict:
 
 def _released(cfg: VAEConfig) -> bool:
     return (cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks, cfg.in_channels, cfg.out_channels) == \
-        (RELEASED_VAE.ch, tuple(RELEASED_VAE.ch_mult), RELEASED_VAE.num_res_blocks, RELEASED_VAE.in_channels,
-         RELEASED_VAE.out_channels)
+        (FLUX_AE.ch, tuple(FLUX_AE.ch_mult), FLUX_AE.num_res_blocks, FLUX_AE.in_channels, FLUX_AE.out_channels)
 
 
 # ---- DiT: core's timestep MLP is (256 -> min(dim, 1024) -> 256); diffusers-style small files differ below 1024

@@ -21,8 +21,7 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ..zimage_core.config import FLUX_LATENT, SAMPLING
-from ..zimage_core.config import check_size
+from ..zimage_core.config import FLUX_LATENT, SAMPLING, check_size
 from ..zimage_core.sampling import sigma_schedule
 from . import comfy_compat, guard, speed
 from .core_model import zimage_dit

@@ -26,6 +26,7 @@ def wide_files():
     """The wide DiT and a Fun ControlNet (Union 1.0 layout, as core's ModelPatchLoader reads it) for it: written
     once into the runtime's cache (zimage_dev/wide_files.py fixture_files) and hard-linked into each server's
     models folder, so the 5.3 GB exist once on the disk."""
+    comfyui_tree()                 # the ControlNet's keys come from core's class: without the tree, a skip
     return fixture_files()
 
 

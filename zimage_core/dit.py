@@ -6,7 +6,6 @@ Semantics follow the official Tongyi-MAI implementation (see zimage-architecture
 """
 from __future__ import annotations
 
-import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from .layers import RMSNorm, SwiGLU, attention, fp16_linear
 from .rope import RopeTable, caption_positions, image_positions
 
 
-log = logging.getLogger(__name__)
 
 
 def _round_up(n: int, multiple: int) -> int:
